@@ -1,0 +1,284 @@
+//! Changes as clients send them, validated field by field.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
+use uuid::Uuid;
+
+use crate::hlc::Hlc;
+
+/// Longest accepted model name, pk, actor and tenant, in bytes (they are index keys).
+pub const MAX_NAME_BYTES: usize = 255;
+/// Longest accepted pk, in bytes.
+pub const MAX_PK_BYTES: usize = 1024;
+
+/// The kind of a change.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Op {
+    Insert,
+    Update,
+    Delete,
+}
+
+impl Op {
+    /// The op's wire name.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Op::Insert => "insert",
+            Op::Update => "update",
+            Op::Delete => "delete",
+        }
+    }
+}
+
+impl FromStr for Op {
+    type Err = ();
+
+    fn from_str(text: &str) -> Result<Self, ()> {
+        match text {
+            "insert" => Ok(Op::Insert),
+            "update" => Ok(Op::Update),
+            "delete" => Ok(Op::Delete),
+            _ => Err(()),
+        }
+    }
+}
+
+/// One change to one row: an insert (the full row), an update (a patch) or a delete.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Change {
+    /// The idempotency key, unique per tenant.
+    pub op_id: Uuid,
+    pub model: String,
+    pub pk: String,
+    pub op: Op,
+    pub hlc: Hlc,
+    /// The device or process that made the change.
+    pub actor: String,
+    /// The row for an insert, the changed fields for an update, `None` for a delete.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<Map<String, Value>>,
+}
+
+/// How a malformed input is classified (maps to SQLSTATE 22023 or 22P02 in the extension).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WireErrorKind {
+    /// A missing field, a wrong JSON type, a value out of range.
+    InvalidValue,
+    /// A string that does not parse as what it must be (uuid, hlc).
+    InvalidText,
+}
+
+/// A malformed push, naming where: `changes[3].hlc: ...`.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{location}: {problem}")]
+pub struct WireError {
+    pub kind: WireErrorKind,
+    pub location: String,
+    pub problem: String,
+}
+
+impl WireError {
+    /// An error about a value that is not what it must be.
+    pub fn invalid(location: impl Into<String>, problem: impl Into<String>) -> Self {
+        Self { kind: WireErrorKind::InvalidValue, location: location.into(), problem: problem.into() }
+    }
+
+    fn text(location: impl Into<String>, problem: impl Into<String>) -> Self {
+        Self { kind: WireErrorKind::InvalidText, location: location.into(), problem: problem.into() }
+    }
+}
+
+/// Checks a tenant name: non-empty, at most [`MAX_NAME_BYTES`].
+pub fn validate_tenant(tenant: &str) -> Result<(), WireError> {
+    check_name("tenant", tenant, MAX_NAME_BYTES)
+}
+
+fn check_name(location: &str, text: &str, max_bytes: usize) -> Result<(), WireError> {
+    if text.is_empty() {
+        return Err(WireError::invalid(location, "must not be empty"));
+    }
+    if text.len() > max_bytes {
+        return Err(WireError::invalid(location, format!("is {} bytes, the limit is {max_bytes}", text.len())));
+    }
+    if text.contains('\0') {
+        return Err(WireError::invalid(location, "must not contain NUL characters"));
+    }
+    Ok(())
+}
+
+/// Parses a push body: a JSON array of at most `max_changes` changes.
+pub fn parse_changes(input: &Value, max_changes: usize) -> Result<Vec<Change>, WireError> {
+    let items = input
+        .as_array()
+        .ok_or_else(|| WireError::invalid("changes", format!("expected a JSON array, got {}", json_type(input))))?;
+    if items.len() > max_changes {
+        return Err(WireError::invalid(
+            "changes",
+            format!("{} changes exceed sync_ext.max_push_changes ({max_changes})", items.len()),
+        ));
+    }
+    items.iter().enumerate().map(|(index, item)| parse_change(index, item)).collect()
+}
+
+fn parse_change(index: usize, item: &Value) -> Result<Change, WireError> {
+    let at = |field: &str| format!("changes[{index}].{field}");
+    let object = item
+        .as_object()
+        .ok_or_else(|| WireError::invalid(format!("changes[{index}]"), format!("expected an object, got {}", json_type(item))))?;
+    let string = |field: &str| -> Result<&str, WireError> {
+        match object.get(field) {
+            Some(Value::String(text)) => Ok(text),
+            Some(other) => Err(WireError::invalid(at(field), format!("expected a string, got {}", json_type(other)))),
+            None => Err(WireError::invalid(at(field), "is missing")),
+        }
+    };
+    let op_id_text = string("op_id")?;
+    let op_id = Uuid::try_parse(op_id_text)
+        .map_err(|_| WireError::text(at("op_id"), format!("expected a UUID, got {op_id_text:?}")))?;
+    let model = string("model")?;
+    check_name(&at("model"), model, MAX_NAME_BYTES)?;
+    let pk = string("pk")?;
+    check_name(&at("pk"), pk, MAX_PK_BYTES)?;
+    let op_text = string("op")?;
+    let op: Op = op_text.parse().map_err(|_| {
+        WireError::invalid(at("op"), format!("expected \"insert\", \"update\" or \"delete\", got {op_text:?}"))
+    })?;
+    let hlc: Hlc = string("hlc")?.parse().map_err(|e: crate::hlc::HlcParseError| WireError::text(at("hlc"), e.to_string()))?;
+    let actor = string("actor")?;
+    check_name(&at("actor"), actor, MAX_NAME_BYTES)?;
+    let value = match (op, object.get("value")) {
+        (Op::Delete, None | Some(Value::Null)) => None,
+        (Op::Delete, Some(other)) => {
+            return Err(WireError::invalid(at("value"), format!("a delete carries no value, got {}", json_type(other))))
+        }
+        (_, Some(Value::Object(fields))) => Some(fields.clone()),
+        (_, None) => return Err(WireError::invalid(at("value"), format!("is missing (an {} needs an object)", op.as_str()))),
+        (_, Some(other)) => return Err(WireError::invalid(at("value"), format!("expected an object, got {}", json_type(other)))),
+    };
+    Ok(Change { op_id, model: model.to_owned(), pk: pk.to_owned(), op, hlc, actor: actor.to_owned(), value })
+}
+
+fn json_type(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+impl Change {
+    /// SHA-256 of the change's canonical JSON without its op_id: `{"actor","hlc","model","op","pk","value"}`
+    /// with object keys sorted by their UTF-8 bytes, no whitespace, and `value` null for a delete.
+    /// Two sends of one op_id are the same change exactly when their hashes are equal.
+    pub fn payload_hash(&self) -> [u8; 32] {
+        let mut canonical = String::new();
+        let body = serde_json::json!({
+            "actor": self.actor,
+            "hlc": self.hlc.to_string(),
+            "model": self.model,
+            "op": self.op.as_str(),
+            "pk": self.pk,
+            "value": self.value,
+        });
+        write_canonical(&body, &mut canonical);
+        Sha256::digest(canonical.as_bytes()).into()
+    }
+}
+
+fn write_canonical(value: &Value, out: &mut String) {
+    match value {
+        Value::Object(map) => {
+            let mut entries: Vec<_> = map.iter().collect();
+            entries.sort_unstable_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
+            out.push('{');
+            for (i, (key, item)) in entries.into_iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                out.push_str(&Value::String(key.clone()).to_string());
+                out.push(':');
+                write_canonical(item, out);
+            }
+            out.push('}');
+        }
+        Value::Array(items) => {
+            out.push('[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                write_canonical(item, out);
+            }
+            out.push(']');
+        }
+        scalar => out.push_str(&scalar.to_string()),
+    }
+}
+
+impl fmt::Display for Op {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn valid() -> Value {
+        json!({"op_id": "7f1e8c3a-0000-4000-8000-000000000001", "model": "todo", "pk": "1", "op": "insert",
+               "hlc": "2026-11-24T10:00:00.000Z-0001", "actor": "device-a", "value": {"title": "x"}})
+    }
+
+    fn error_of(change: Value) -> WireError {
+        parse_changes(&json!([valid(), change]), 100).unwrap_err()
+    }
+
+    #[test]
+    fn parses_a_valid_change() {
+        let changes = parse_changes(&json!([valid()]), 100).unwrap();
+        assert_eq!(changes[0].op, Op::Insert);
+        assert_eq!(changes[0].value.as_ref().unwrap()["title"], "x");
+    }
+
+    #[test]
+    fn errors_name_the_index_and_the_field() {
+        let mut missing = valid();
+        missing.as_object_mut().unwrap().remove("hlc");
+        assert_eq!(error_of(missing).to_string(), "changes[1].hlc: is missing");
+        let mut bad_uuid = valid();
+        bad_uuid["op_id"] = json!("nope");
+        let err = error_of(bad_uuid);
+        assert_eq!((err.kind, err.location.as_str()), (WireErrorKind::InvalidText, "changes[1].op_id"));
+        let mut bad_op = valid();
+        bad_op["op"] = json!("upsert");
+        assert_eq!(error_of(bad_op).location, "changes[1].op");
+        let mut wrong_type = valid();
+        wrong_type["actor"] = json!(7);
+        assert_eq!(error_of(wrong_type).to_string(), "changes[1].actor: expected a string, got a number");
+        let mut delete_with_value = valid();
+        delete_with_value["op"] = json!("delete");
+        assert_eq!(error_of(delete_with_value).location, "changes[1].value");
+        assert_eq!(parse_changes(&json!({}), 10).unwrap_err().location, "changes");
+        assert_eq!(parse_changes(&json!([valid(), valid()]), 1).unwrap_err().location, "changes");
+    }
+
+    #[test]
+    fn payload_hash_ignores_key_order_and_op_id_but_not_content() {
+        let a = parse_changes(&json!([valid()]), 1).unwrap().remove(0);
+        let mut b = a.clone();
+        b.op_id = Uuid::nil();
+        assert_eq!(a.payload_hash(), b.payload_hash());
+        b.value.as_mut().unwrap().insert("title".into(), json!("y"));
+        assert_ne!(a.payload_hash(), b.payload_hash());
+    }
+}

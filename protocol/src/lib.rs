@@ -1,0 +1,23 @@
+//! The sync_ext wire contract, shared by the Postgres extension and its clients so that both
+//! always agree on a merge.
+//!
+//! - [`hlc`]: hybrid logical clock stamps and their fixed-width text form;
+//! - [`change`]: changes as pushed, their validation and their canonical payload hash;
+//! - [`merge`]: the last-writer-wins rule over per-row registers;
+//! - [`stored`]: the flat form in which a row's merge state is stored;
+//! - [`batch`]: the outcome of a whole pushed batch;
+//! - [`wire`]: push results and pull bodies.
+
+pub mod batch;
+pub mod change;
+pub mod hlc;
+pub mod merge;
+pub mod stored;
+pub mod wire;
+
+pub use batch::{merge_batch, BatchContext, BatchOutcome, LoggedOp, RowKey};
+pub use change::{parse_changes, validate_tenant, Change, Op, WireError, WireErrorKind};
+pub use hlc::{Hlc, HlcClock};
+pub use merge::{Existence, FieldRegister, RowState, Stamp, Won};
+pub use stored::StoredRow;
+pub use wire::{ChangeResult, PullResponse, PulledChange, PushResponse, Status};

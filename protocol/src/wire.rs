@@ -1,0 +1,76 @@
+//! Results of a push and the body of a pull, as they travel on the wire.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use uuid::Uuid;
+
+use crate::change::Op;
+use crate::hlc::Hlc;
+
+/// Reason of a change refused because its op_id was already used with a different payload.
+pub const REASON_OP_ID_CONFLICT: &str = "op_id_conflict";
+/// Reason of a change refused because its hlc is too far ahead of the server clock.
+pub const REASON_CLOCK_SKEW: &str = "clock_skew";
+
+/// The outcome of one pushed change.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub enum Status {
+    /// The change won something; it was logged at `seq`.
+    Applied { seq: i64 },
+    /// The op_id was already applied, at `seq`; nothing changed.
+    Duplicate { seq: i64 },
+    /// Newer changes hold every register the change could write; nothing changed.
+    Superseded,
+    /// The change was refused; the rest of the batch went on.
+    Rejected { reason: String },
+}
+
+impl Status {
+    /// Whether the client may drop the change from its outbox as acknowledged.
+    pub fn is_acknowledged(&self) -> bool {
+        !matches!(self, Status::Rejected { .. })
+    }
+}
+
+/// One entry of a push's `results`, in the order of the pushed changes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChangeResult {
+    pub op_id: Uuid,
+    #[serde(flatten)]
+    pub status: Status,
+}
+
+/// What `sync_push` returns.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PushResponse {
+    /// The tenant's latest seq after the push.
+    pub cursor: i64,
+    pub results: Vec<ChangeResult>,
+}
+
+/// A change as a pull delivers it: what it won, at its seq.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PulledChange {
+    pub seq: i64,
+    pub op_id: Uuid,
+    pub model: String,
+    pub pk: String,
+    pub op: Op,
+    pub hlc: Hlc,
+    pub actor: String,
+    /// The fields the change won (`None` for a delete).
+    #[serde(default)]
+    pub value: Option<Map<String, Value>>,
+}
+
+/// What `sync_pull` returns.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PullResponse {
+    /// Changes in seq order.
+    pub changes: Vec<PulledChange>,
+    /// The seq of the last change returned, or the `since` asked for when there is none.
+    pub cursor: i64,
+    /// More changes follow the cursor.
+    pub has_more: bool,
+}

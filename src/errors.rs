@@ -1,0 +1,44 @@
+//! Errors the extension raises, each with its SQLSTATE.
+
+use pgrx::pg_sys::panic::ErrorReport;
+use pgrx::PgSqlErrorCode;
+use sync_ext_protocol::{WireError, WireErrorKind};
+
+/// Every error a sync_ext function can raise.
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    /// Malformed input: 22023 (invalid_parameter_value) or 22P02 (invalid_text_representation).
+    #[error(transparent)]
+    Wire(#[from] WireError),
+    /// An argument out of its range (22023).
+    #[error("{argument}: {problem}")]
+    InvalidArgument { argument: &'static str, problem: String },
+    /// A stored row that does not decode: the sync tables were edited by hand (XX001).
+    #[error("sync_ext.snapshots row ({model}, {id}) is corrupt: {problem}")]
+    CorruptSnapshot { model: String, id: String, problem: String },
+    /// An SPI failure (XX000).
+    #[error("internal SPI error: {0}")]
+    Spi(#[from] pgrx::spi::Error),
+}
+
+impl SyncError {
+    fn sqlstate(&self) -> PgSqlErrorCode {
+        match self {
+            SyncError::Wire(WireError { kind: WireErrorKind::InvalidText, .. }) => {
+                PgSqlErrorCode::ERRCODE_INVALID_TEXT_REPRESENTATION
+            }
+            SyncError::Wire(_) | SyncError::InvalidArgument { .. } => PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            SyncError::CorruptSnapshot { .. } => PgSqlErrorCode::ERRCODE_DATA_CORRUPTED,
+            SyncError::Spi(_) => PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
+        }
+    }
+}
+
+impl From<SyncError> for ErrorReport {
+    fn from(error: SyncError) -> Self {
+        ErrorReport::new(error.sqlstate(), error.to_string(), "sync_ext")
+    }
+}
+
+/// The result type of the extension's SQL functions.
+pub type SyncResult<T> = Result<T, SyncError>;

@@ -1,0 +1,66 @@
+//! sync_ext: the server half of local-first sync, inside Postgres.
+//!
+//! `CREATE EXTENSION sync_ext;` creates the `sync_ext` schema (op log, snapshots, tenants) and the
+//! SQL functions clients call: [`push::sync_push`] and [`pull::sync_pull`]. The merge rule and the
+//! wire types live in the `sync_ext_protocol` crate, shared with clients.
+
+use std::ffi::CStr;
+
+use pgrx::prelude::*;
+use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting};
+
+mod errors;
+mod jsonb;
+mod pull;
+mod push;
+mod storage;
+
+::pgrx::pg_module_magic!(name, version);
+
+pgrx::extension_sql_file!("../sql/bootstrap.sql", name = "bootstrap", bootstrap);
+
+/// `sync_ext.max_clock_skew`: how far (ms) a change's hlc may run ahead of the server clock.
+pub(crate) static MAX_CLOCK_SKEW_MS: GucSetting<i32> = GucSetting::<i32>::new(5 * 60 * 1000);
+/// `sync_ext.max_push_changes`: the most changes one push may carry.
+pub(crate) static MAX_PUSH_CHANGES: GucSetting<i32> = GucSetting::<i32>::new(10_000);
+/// `sync_ext.max_pull_changes`: the most changes one pull returns, whatever it asks for.
+pub(crate) static MAX_PULL_CHANGES: GucSetting<i32> = GucSetting::<i32>::new(10_000);
+
+fn define_int(name: &'static CStr, short: &'static CStr, setting: &'static GucSetting<i32>, max: i32, flags: GucFlags) {
+    GucRegistry::define_int_guc(name, short, c"", setting, 0, max, GucContext::Suset, flags);
+}
+
+#[pg_guard]
+pub extern "C-unwind" fn _PG_init() {
+    define_int(
+        c"sync_ext.max_clock_skew",
+        c"How far a pushed change's HLC may be ahead of the server clock before it is rejected (clock_skew).",
+        &MAX_CLOCK_SKEW_MS,
+        i32::MAX,
+        GucFlags::UNIT_MS,
+    );
+    define_int(
+        c"sync_ext.max_push_changes",
+        c"The most changes one sync_push may carry; a larger batch is an error.",
+        &MAX_PUSH_CHANGES,
+        1_000_000,
+        GucFlags::default(),
+    );
+    define_int(
+        c"sync_ext.max_pull_changes",
+        c"The most changes one sync_pull returns, whatever max_changes asks for.",
+        &MAX_PULL_CHANGES,
+        1_000_000,
+        GucFlags::default(),
+    );
+}
+
+#[cfg(test)]
+pub mod pg_test {
+    pub fn setup(_options: Vec<&str>) {}
+
+    #[must_use]
+    pub fn postgresql_conf_options() -> Vec<&'static str> {
+        vec![]
+    }
+}
