@@ -8,6 +8,8 @@
 //! - [`batch`]: the outcome of a whole pushed batch;
 //! - [`wire`]: push results and pull bodies.
 
+#[cfg(feature = "arbitrary")]
+pub mod arbitrary;
 pub mod batch;
 pub mod change;
 pub mod hlc;
