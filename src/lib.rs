@@ -4,6 +4,9 @@
 //! SQL functions clients call: [`push::sync_push`] and [`pull::sync_pull`]. The merge rule and the
 //! wire types live in the `sync_ext_protocol` crate, shared with clients.
 
+// SQL functions return pgrx's ErrorReport, which carries the SQLSTATE; its size is pgrx's choice.
+#![allow(clippy::result_large_err)]
+
 use std::ffi::CStr;
 
 use pgrx::prelude::*;
@@ -14,6 +17,8 @@ mod jsonb;
 mod pull;
 mod push;
 mod storage;
+#[cfg(any(test, feature = "pg_test"))]
+mod testing;
 
 ::pgrx::pg_module_magic!(name, version);
 

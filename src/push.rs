@@ -46,3 +46,217 @@ pub fn push(tenant: &str, body: &Value) -> SyncResult<PushResponse> {
         Ok(PushResponse { cursor: outcome.last_seq, results: outcome.results })
     })
 }
+
+#[cfg(any(test, feature = "pg_test"))]
+#[pg_schema]
+mod tests {
+    use pgrx::prelude::*;
+    use serde_json::{json, Value};
+
+    use crate::testing::{change, error_of, fingerprint, pull, push, snapshot, statuses};
+
+    fn title(tenant: &str, pk: &str) -> Value {
+        snapshot(tenant, pk).0["title"].clone()
+    }
+
+    #[pg_test]
+    fn applied_then_duplicate_with_the_original_seq() {
+        let batch = json!([change(1, "1", "insert", "00.000", "a", json!({"title": "milk"}))]);
+        let first = push("t", batch.clone());
+        assert_eq!(first, json!({"cursor": 1, "results": [{"op_id": "00000000-0000-4000-8000-000000000001", "status": "applied", "seq": 1}]}));
+        push("t", json!([change(2, "2", "insert", "00.000", "a", json!({"title": "eggs"}))]));
+        let before = fingerprint();
+        let again = push("t", batch);
+        assert_eq!(again["results"][0], json!({"op_id": "00000000-0000-4000-8000-000000000001", "status": "duplicate", "seq": 1}));
+        assert_eq!(again["cursor"], 2);
+        assert_eq!(fingerprint(), before);
+    }
+
+    #[pg_test]
+    fn an_older_write_is_superseded_changes_nothing_and_is_never_pulled() {
+        push("t", json!([change(1, "1", "insert", "05.000", "a", json!({"title": "new"}))]));
+        let before = fingerprint();
+        let older = push("t", json!([change(2, "1", "update", "01.000", "b", json!({"title": "old"}))]));
+        assert_eq!(older["results"][0], json!({"op_id": "00000000-0000-4000-8000-000000000002", "status": "superseded"}));
+        assert_eq!(older["cursor"], 1);
+        assert_eq!(fingerprint(), before);
+        assert_eq!(pull("t", 0, 100)["changes"].as_array().unwrap().len(), 1);
+    }
+
+    #[pg_test]
+    fn the_same_op_id_with_another_payload_is_rejected_op_id_conflict() {
+        push("t", json!([change(1, "1", "insert", "00.000", "a", json!({"title": "milk"}))]));
+        let before = fingerprint();
+        let conflict = push("t", json!([change(1, "1", "insert", "00.000", "a", json!({"title": "beer"}))]));
+        assert_eq!(conflict["results"][0]["status"], "rejected");
+        assert_eq!(conflict["results"][0]["reason"], "op_id_conflict");
+        assert_eq!(fingerprint(), before);
+        let within_batch = push(
+            "t",
+            json!([change(7, "7", "insert", "00.000", "a", json!({"n": 1})), change(7, "7", "insert", "00.000", "a", json!({"n": 2}))]),
+        );
+        assert_eq!(statuses(&within_batch), ["applied", "rejected"]);
+        assert_eq!(snapshot("t", "7").0, json!({"n": 1}));
+    }
+
+    #[pg_test]
+    fn a_clock_far_ahead_is_rejected_clock_skew_and_the_rest_applies() {
+        let mut future = change(1, "1", "insert", "00.000", "a", json!({"title": "from the future"}));
+        future["hlc"] = json!("2999-01-01T00:00:00.000Z-0000");
+        let response = push("t", json!([future.clone(), change(2, "2", "insert", "00.000", "a", json!({"title": "fine"}))]));
+        assert_eq!(response["results"][0]["reason"], "clock_skew");
+        assert_eq!(response["results"][1], json!({"op_id": "00000000-0000-4000-8000-000000000002", "status": "applied", "seq": 1}));
+        let mut an_hour_ahead = future;
+        let ahead = chrono_like_now_plus_minutes(60);
+        an_hour_ahead["hlc"] = json!(ahead);
+        assert_eq!(push("t", json!([an_hour_ahead.clone()]))["results"][0]["reason"], "clock_skew");
+        Spi::run("SET LOCAL sync_ext.max_clock_skew = '2h'").unwrap();
+        assert_eq!(statuses(&push("t", json!([an_hour_ahead]))), ["applied"]);
+    }
+
+    /// The server clock plus `minutes`, as an HLC.
+    fn chrono_like_now_plus_minutes(minutes: i64) -> String {
+        let millis = sync_ext_protocol::hlc::wall_clock_millis() + minutes * 60_000;
+        sync_ext_protocol::Hlc::new(millis, 0).unwrap().to_string()
+    }
+
+    #[pg_test]
+    fn the_later_hlc_wins_in_either_arrival_order() {
+        let early = change(1, "1", "update", "01.000", "z", json!({"title": "early"}));
+        let late = change(2, "1", "update", "02.000", "a", json!({"title": "late"}));
+        assert_eq!(statuses(&push("x", json!([early.clone(), late.clone()]))), ["applied", "applied"]);
+        assert_eq!(statuses(&push("y", json!([late, early]))), ["applied", "superseded"]);
+        assert_eq!(title("x", "1"), "late");
+        assert_eq!(title("y", "1"), "late");
+    }
+
+    #[pg_test]
+    fn on_equal_hlc_a_delete_beats_an_update_in_either_order() {
+        let update = change(1, "1", "update", "03.000", "zzz", json!({"title": "kept?"}));
+        let delete = change(2, "1", "delete", "03.000", "aaa", Value::Null);
+        push("x", json!([update.clone(), delete.clone()]));
+        push("y", json!([delete, update]));
+        assert!(snapshot("x", "1").1 && snapshot("y", "1").1);
+        assert_eq!(snapshot("x", "1").0, json!({}));
+        assert_eq!(snapshot("y", "1").0, json!({}));
+    }
+
+    #[pg_test]
+    fn on_equal_hlc_the_greater_actor_wins_then_the_greater_op_id() {
+        let by_a = change(9, "1", "update", "03.000", "device-a", json!({"title": "a"}));
+        let by_b = change(1, "1", "update", "03.000", "device-b", json!({"title": "b"}));
+        push("x", json!([by_a.clone(), by_b.clone()]));
+        push("y", json!([by_b, by_a]));
+        assert_eq!((title("x", "1"), title("y", "1")), (json!("b"), json!("b")));
+
+        let low_id = change(1, "2", "update", "03.000", "device-a", json!({"title": "low"}));
+        let high_id = change(2, "2", "update", "03.000", "device-a", json!({"title": "high"}));
+        push("x", json!([low_id.clone(), high_id.clone()]));
+        push("y", json!([high_id, low_id]));
+        assert_eq!((title("x", "2"), title("y", "2")), (json!("high"), json!("high")));
+    }
+
+    #[pg_test]
+    fn an_update_is_a_patch_and_upserts_an_unseen_row() {
+        push("t", json!([change(1, "1", "insert", "00.000", "a", json!({"title": "milk", "done": false}))]));
+        push("t", json!([change(2, "1", "update", "01.000", "b", json!({"done": true}))]));
+        assert_eq!(snapshot("t", "1"), (json!({"title": "milk", "done": true}), false));
+        push("t", json!([change(3, "new", "update", "01.000", "b", json!({"done": true}))]));
+        assert_eq!(snapshot("t", "new"), (json!({"done": true}), false));
+    }
+
+    #[pg_test]
+    fn concurrent_offline_edits_to_different_fields_both_survive() {
+        push("t", json!([change(1, "1", "insert", "00.000", "a", json!({"title": "milk", "done": false}))]));
+        let from_b = push("t", json!([change(3, "1", "update", "02.000", "b", json!({"done": true}))]));
+        let from_a = push("t", json!([change(2, "1", "update", "01.000", "a", json!({"title": "oat milk"}))]));
+        assert_eq!((statuses(&from_b), statuses(&from_a)), (vec!["applied".to_owned()], vec!["applied".to_owned()]));
+        assert_eq!(snapshot("t", "1").0, json!({"title": "oat milk", "done": true}));
+    }
+
+    #[pg_test]
+    fn a_delete_is_pulled_and_a_later_write_revives_only_its_fields() {
+        push("t", json!([change(1, "1", "insert", "00.000", "a", json!({"title": "milk", "note": "2L"}))]));
+        push("t", json!([change(2, "1", "delete", "01.000", "a", Value::Null)]));
+        let pulled = pull("t", 1, 10);
+        assert_eq!(pulled["changes"][0]["op"], "delete");
+        assert_eq!(pulled["changes"][0]["value"], Value::Null);
+        assert_eq!(pulled["changes"][0]["seq"], 2);
+        assert_eq!(snapshot("t", "1"), (json!({}), true));
+        push("t", json!([change(3, "1", "update", "02.000", "b", json!({"title": "back"}))]));
+        assert_eq!(snapshot("t", "1"), (json!({"title": "back"}), false));
+    }
+
+    #[pg_test]
+    fn a_batch_is_merged_in_order_and_logs_only_what_each_change_won() {
+        let response = push(
+            "t",
+            json!([
+                change(1, "1", "insert", "00.000", "a", json!({"title": "milk", "done": false})),
+                change(2, "1", "update", "05.000", "b", json!({"done": true})),
+                change(3, "1", "update", "03.000", "c", json!({"title": "oat milk", "done": false})),
+            ]),
+        );
+        assert_eq!(statuses(&response), ["applied", "applied", "applied"]);
+        let log = pull("t", 0, 10);
+        assert_eq!(log["changes"][2]["value"], json!({"title": "oat milk"}), "only the field it won is logged");
+        assert_eq!(snapshot("t", "1").0, json!({"title": "oat milk", "done": true}));
+    }
+
+    /// `[a valid change, the valid change edited by `edit`]` as a SQL literal.
+    fn batch_with_second(edit: impl FnOnce(&mut serde_json::Map<String, Value>)) -> String {
+        let valid = change(1, "1", "insert", "00.000", "a", json!({"title": "milk"}));
+        let mut bad = change(2, "2", "insert", "00.000", "a", json!({"title": "eggs"}));
+        edit(bad.as_object_mut().unwrap());
+        format!("'{}'", json!([valid, bad]).to_string().replace('\'', "''"))
+    }
+
+    #[pg_test]
+    fn malformed_input_is_an_error_naming_index_and_field_and_changes_nothing() {
+        push("t", json!([change(99, "seed", "insert", "00.000", "a", json!({"title": "already here"}))]));
+        let mut cases: Vec<(String, &str, String)> = Vec::new();
+        for field in ["op_id", "model", "pk", "op", "hlc", "actor"] {
+            let missing = batch_with_second(|c| drop(c.remove(field)));
+            cases.push((missing, "22023", format!("changes[1].{field}: is missing")));
+            let mistyped = batch_with_second(|c| drop(c.insert(field.into(), json!(42))));
+            cases.push((mistyped, "22023", format!("changes[1].{field}: expected a string, got a number")));
+        }
+        for field in ["model", "pk", "actor"] {
+            let empty = batch_with_second(|c| drop(c.insert(field.into(), json!(""))));
+            cases.push((empty, "22023", format!("changes[1].{field}: must not be empty")));
+        }
+        let long_model = batch_with_second(|c| drop(c.insert("model".into(), json!("m".repeat(256)))));
+        cases.push((long_model, "22023", "changes[1].model: is 256 bytes, the limit is 255".into()));
+        let bad_uuid = batch_with_second(|c| drop(c.insert("op_id".into(), json!("not-a-uuid"))));
+        cases.push((bad_uuid, "22P02", "changes[1].op_id: expected a UUID, got \"not-a-uuid\"".into()));
+        let bad_hlc = batch_with_second(|c| drop(c.insert("hlc".into(), json!("2026-01-01 00:00:00"))));
+        cases.push((bad_hlc, "22P02", "changes[1].hlc: expected an HLC like".into()));
+        let unknown_op = batch_with_second(|c| drop(c.insert("op".into(), json!("upsert"))));
+        cases.push((unknown_op, "22023", "changes[1].op: expected \"insert\", \"update\" or \"delete\", got \"upsert\"".into()));
+        let no_value = batch_with_second(|c| drop(c.remove("value")));
+        cases.push((no_value, "22023", "changes[1].value: is missing (an insert needs an object)".into()));
+        let array_value = batch_with_second(|c| drop(c.insert("value".into(), json!([1]))));
+        cases.push((array_value, "22023", "changes[1].value: expected an object, got an array".into()));
+        let delete_with_value = batch_with_second(|c| drop(c.insert("op".into(), json!("delete"))));
+        cases.push((delete_with_value, "22023", "changes[1].value: a delete carries no value, got an object".into()));
+        let not_an_object = format!("'{}'", json!([change(1, "1", "insert", "00.000", "a", json!({})), 7]));
+        cases.push((not_an_object, "22023", "changes[1]: expected an object, got a number".into()));
+        cases.push(("'{\"op_id\": 1}'".into(), "22023", "changes: expected a JSON array, got an object".into()));
+
+        let before = fingerprint();
+        for (literal, sqlstate, message) in &cases {
+            let error = error_of(&format!("SELECT sync_push('t', {literal})"));
+            assert!(error.starts_with(&format!("{sqlstate}: {message}")), "for {literal}: got {error:?}");
+            assert_eq!(fingerprint(), before, "for {literal}: something changed");
+        }
+
+        let valid_pair = batch_with_second(|_| {});
+        assert_eq!(error_of(&format!("SELECT sync_push('', {valid_pair})")), "22023: tenant: must not be empty");
+        Spi::run("SET LOCAL sync_ext.max_push_changes = 1").unwrap();
+        assert_eq!(
+            error_of(&format!("SELECT sync_push('t', {valid_pair})")),
+            "22023: changes: 2 changes exceed sync_ext.max_push_changes (1)"
+        );
+        assert_eq!(fingerprint(), before);
+    }
+}

@@ -6,7 +6,8 @@
 use std::fmt;
 use std::str::FromStr;
 
-use chrono::{DateTime, NaiveDate, NaiveDateTime, NaiveTime, Utc};
+use crate::calendar::{civil_from_unix_days, format_date, unix_days_from_civil, CivilDate};
+
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// Length of an HLC in its wire form.
@@ -43,15 +44,16 @@ impl Hlc {
     pub fn counter(&self) -> u16 {
         self.counter
     }
-
-    fn wall(&self) -> DateTime<Utc> {
-        DateTime::from_timestamp_millis(self.millis).expect("millis checked at construction")
-    }
 }
+
+const MILLIS_PER_DAY: i64 = 86_400_000;
 
 impl fmt::Display for Hlc {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}-{:04X}", self.wall().format("%Y-%m-%dT%H:%M:%S%.3fZ"), self.counter)
+        let date = format_date(civil_from_unix_days(self.millis.div_euclid(MILLIS_PER_DAY)));
+        let ms = self.millis.rem_euclid(MILLIS_PER_DAY);
+        let (hours, minutes, seconds) = (ms / 3_600_000, ms / 60_000 % 60, ms / 1_000 % 60);
+        write!(f, "{date}T{hours:02}:{minutes:02}:{seconds:02}.{:03}Z-{:04X}", ms % 1_000, self.counter)
     }
 }
 
@@ -79,11 +81,14 @@ impl FromStr for Hlc {
             return Err(err());
         }
         let counter = u16::from_str_radix(&text[25..29], 16).map_err(|_| err())?;
-        let date = NaiveDate::from_ymd_opt(digits(0..4)? as i32, digits(5..7)?, digits(8..10)?).ok_or_else(err)?;
-        let time = NaiveTime::from_hms_milli_opt(digits(11..13)?, digits(14..16)?, digits(17..19)?, digits(20..23)?)
-            .ok_or_else(err)?;
-        let millis = NaiveDateTime::new(date, time).and_utc().timestamp_millis();
-        Hlc::new(millis, counter).ok_or_else(err)
+        let date = CivilDate { year: i64::from(digits(0..4)?), month: digits(5..7)?, day: digits(8..10)? };
+        let days = unix_days_from_civil(date).ok_or_else(err)?;
+        let (hours, minutes, seconds) = (digits(11..13)?, digits(14..16)?, digits(17..19)?);
+        if hours > 23 || minutes > 59 || seconds > 59 {
+            return Err(err());
+        }
+        let time_of_day = i64::from(((hours * 60 + minutes) * 60 + seconds) * 1_000 + digits(20..23)?);
+        Hlc::new(days * MILLIS_PER_DAY + time_of_day, counter).ok_or_else(err)
     }
 }
 

@@ -5,15 +5,18 @@
 //! - [`change`]: changes as pushed, their validation and their canonical payload hash;
 //! - [`merge`]: the last-writer-wins rule over per-row registers;
 //! - [`stored`]: the flat form in which a row's merge state is stored;
+//! - [`portable`]: portable JSON forms of Postgres values (timestamps, intervals, bytes, exact numbers);
 //! - [`batch`]: the outcome of a whole pushed batch;
 //! - [`wire`]: push results and pull bodies.
 
 #[cfg(feature = "arbitrary")]
 pub mod arbitrary;
 pub mod batch;
+pub mod calendar;
 pub mod change;
 pub mod hlc;
 pub mod merge;
+pub mod portable;
 pub mod stored;
 pub mod wire;
 

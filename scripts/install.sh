@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Builds the extension and installs it into the Postgres that PG_CONFIG names (system Postgres 15 by default).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PG_CONFIG=${PG_CONFIG:-/usr/lib/postgresql/15/bin/pg_config}
+sudo_flag=()
+[ "$(id -u)" -eq 0 ] || [ -w "$("$PG_CONFIG" --pkglibdir)" ] || sudo_flag=(--sudo)
+cargo pgrx install --pg-config "$PG_CONFIG" "${sudo_flag[@]}" "$@" >/dev/null
+echo "[install] sync_ext installed into $("$PG_CONFIG" --sharedir)/extension" >&2
