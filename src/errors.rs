@@ -13,6 +13,15 @@ pub enum SyncError {
     /// An argument out of its range (22023).
     #[error("{argument}: {problem}")]
     InvalidArgument { argument: &'static str, problem: String },
+    /// A type with no lossless portable form (0A000).
+    #[error("type {type_name} has no portable JSON form")]
+    UnsupportedType { type_name: String },
+    /// A table column of a type with no lossless portable form (0A000).
+    #[error("column \"{column}\" has type {type_name}, which has no portable JSON form")]
+    UnsupportedColumn { column: String, type_name: String },
+    /// A portable value that does not decode as the requested type (22P02).
+    #[error("invalid portable value for type {type_name}: {problem}")]
+    InvalidPortable { type_name: String, problem: String },
     /// A stored row that does not decode: the sync tables were edited by hand (XX001).
     #[error("sync_ext.snapshots row ({model}, {id}) is corrupt: {problem}")]
     CorruptSnapshot { model: String, id: String, problem: String },
@@ -28,6 +37,10 @@ impl SyncError {
                 PgSqlErrorCode::ERRCODE_INVALID_TEXT_REPRESENTATION
             }
             SyncError::Wire(_) | SyncError::InvalidArgument { .. } => PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            SyncError::UnsupportedType { .. } | SyncError::UnsupportedColumn { .. } => {
+                PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED
+            }
+            SyncError::InvalidPortable { .. } => PgSqlErrorCode::ERRCODE_INVALID_TEXT_REPRESENTATION,
             SyncError::CorruptSnapshot { .. } => PgSqlErrorCode::ERRCODE_DATA_CORRUPTED,
             SyncError::Spi(_) => PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
         }

@@ -10,13 +10,14 @@
 use std::ffi::CStr;
 
 use pgrx::prelude::*;
-use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting};
+use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting, PostgresGucEnum};
 
 mod errors;
 mod jsonb;
 mod pull;
 mod push;
 mod storage;
+mod types;
 #[cfg(any(test, feature = "pg_test"))]
 mod testing;
 
@@ -30,6 +31,20 @@ pub(crate) static MAX_CLOCK_SKEW_MS: GucSetting<i32> = GucSetting::<i32>::new(5 
 pub(crate) static MAX_PUSH_CHANGES: GucSetting<i32> = GucSetting::<i32>::new(10_000);
 /// `sync_ext.max_pull_changes`: the most changes one pull returns, whatever it asks for.
 pub(crate) static MAX_PULL_CHANGES: GucSetting<i32> = GucSetting::<i32>::new(10_000);
+
+/// Values of `sync_ext.number_mode`.
+#[derive(PostgresGucEnum, Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum NumberModeSetting {
+    /// bigint and numeric always travel as strings of exact digits.
+    #[name = c"string"]
+    String,
+    /// bigint and numeric travel as JSON numbers when they are integers below 2^53.
+    #[name = c"number_when_safe"]
+    NumberWhenSafe,
+}
+
+/// `sync_ext.number_mode`: how bigint and numeric values are written in portable JSON.
+pub(crate) static NUMBER_MODE: GucSetting<NumberModeSetting> = GucSetting::<NumberModeSetting>::new(NumberModeSetting::String);
 
 fn define_int(name: &'static CStr, short: &'static CStr, setting: &'static GucSetting<i32>, max: i32, flags: GucFlags) {
     GucRegistry::define_int_guc(name, short, c"", setting, 0, max, GucContext::Suset, flags);
@@ -56,6 +71,14 @@ pub extern "C-unwind" fn _PG_init() {
         c"The most changes one sync_pull returns, whatever max_changes asks for.",
         &MAX_PULL_CHANGES,
         1_000_000,
+        GucFlags::default(),
+    );
+    GucRegistry::define_enum_guc(
+        c"sync_ext.number_mode",
+        c"How bigint and numeric values are written in portable JSON: string, or number_when_safe.",
+        c"",
+        &NUMBER_MODE,
+        GucContext::Suset,
         GucFlags::default(),
     );
 }
