@@ -22,6 +22,21 @@ pub enum SyncError {
     /// A portable value that does not decode as the requested type (22P02).
     #[error("invalid portable value for type {type_name}: {problem}")]
     InvalidPortable { type_name: String, problem: String },
+    /// A captured row whose tenant column is null or empty (23502).
+    #[error("a row of {table} has no tenant: column \"{column}\" must name it")]
+    MissingTenant { table: String, column: String },
+    /// A captured row with a null key column (23502).
+    #[error("a row of model {model} has a null primary key column")]
+    MissingKey { model: String },
+    /// A model name or table registered already (42710).
+    #[error("model {model} or table {table} is registered already")]
+    AlreadyRegistered { model: String, table: String },
+    /// No model by that name (42704).
+    #[error("no model {model} is registered")]
+    UnknownModel { model: String },
+    /// A tenant counter row that does not decode: edited by hand (XX001).
+    #[error("sync_ext.tenants row {tenant} is corrupt")]
+    CorruptTenant { tenant: String },
     /// A stored row that does not decode: the sync tables were edited by hand (XX001).
     #[error("sync_ext.snapshots row ({model}, {id}) is corrupt: {problem}")]
     CorruptSnapshot { model: String, id: String, problem: String },
@@ -41,7 +56,10 @@ impl SyncError {
                 PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED
             }
             SyncError::InvalidPortable { .. } => PgSqlErrorCode::ERRCODE_INVALID_TEXT_REPRESENTATION,
-            SyncError::CorruptSnapshot { .. } => PgSqlErrorCode::ERRCODE_DATA_CORRUPTED,
+            SyncError::MissingTenant { .. } | SyncError::MissingKey { .. } => PgSqlErrorCode::ERRCODE_NOT_NULL_VIOLATION,
+            SyncError::AlreadyRegistered { .. } => PgSqlErrorCode::ERRCODE_DUPLICATE_OBJECT,
+            SyncError::UnknownModel { .. } => PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
+            SyncError::CorruptSnapshot { .. } | SyncError::CorruptTenant { .. } => PgSqlErrorCode::ERRCODE_DATA_CORRUPTED,
             SyncError::Spi(_) => PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
         }
     }

@@ -12,11 +12,14 @@ use std::ffi::CStr;
 use pgrx::prelude::*;
 use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting, PostgresGucEnum};
 
+mod capture;
 mod errors;
 mod jsonb;
+mod models;
 mod pull;
 mod push;
 mod storage;
+mod subtransaction;
 mod types;
 #[cfg(any(test, feature = "pg_test"))]
 mod testing;
@@ -46,6 +49,18 @@ pub(crate) enum NumberModeSetting {
 /// `sync_ext.number_mode`: how bigint and numeric values are written in portable JSON.
 pub(crate) static NUMBER_MODE: GucSetting<NumberModeSetting> = GucSetting::<NumberModeSetting>::new(NumberModeSetting::String);
 
+/// `sync_ext.actor`: the actor of changes captured from plain SQL writes to registered tables.
+pub(crate) static ACTOR: GucSetting<Option<std::ffi::CString>> = GucSetting::<Option<std::ffi::CString>>::new(Some(c"server"));
+
+/// The actor that plain SQL writes are attributed to.
+pub(crate) fn server_actor() -> String {
+    ACTOR
+        .get()
+        .map(|actor| actor.to_string_lossy().into_owned())
+        .filter(|actor| !actor.is_empty())
+        .unwrap_or_else(|| "server".to_owned())
+}
+
 fn define_int(name: &'static CStr, short: &'static CStr, setting: &'static GucSetting<i32>, max: i32, flags: GucFlags) {
     GucRegistry::define_int_guc(name, short, c"", setting, 0, max, GucContext::Suset, flags);
 }
@@ -71,6 +86,14 @@ pub extern "C-unwind" fn _PG_init() {
         c"The most changes one sync_pull returns, whatever max_changes asks for.",
         &MAX_PULL_CHANGES,
         1_000_000,
+        GucFlags::default(),
+    );
+    GucRegistry::define_string_guc(
+        c"sync_ext.actor",
+        c"The actor recorded for changes captured from plain SQL writes to registered tables.",
+        c"",
+        &ACTOR,
+        GucContext::Userset,
         GucFlags::default(),
     );
     GucRegistry::define_enum_guc(

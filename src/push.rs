@@ -1,14 +1,18 @@
-//! `sync_push`: merges a batch of client changes into the op log and the snapshots.
+//! `sync_push`: merges a batch of client changes into the op log, the snapshots and bound tables.
+
+use std::collections::{BTreeSet, HashMap};
 
 use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::prelude::*;
+use pgrx::spi::SpiClient;
 use pgrx::JsonB;
 use serde_json::Value;
 use sync_ext_protocol::hlc::wall_clock_millis;
-use sync_ext_protocol::{merge_batch, parse_changes, validate_tenant, BatchContext, PushResponse};
+use sync_ext_protocol::{merge_batch, parse_changes, validate_tenant, BatchContext, BatchOutcome, Change, PushResponse, Status};
 
 use crate::errors::SyncResult;
-use crate::storage;
+use crate::models::{self, Model, PendingWrites};
+use crate::storage::{self, TenantState};
 
 /// Applies a batch of changes for `tenant` and returns one result per change plus the tenant's cursor.
 /// See the README for the change format and the merge rule.
@@ -22,29 +26,77 @@ fn sync_push(tenant: &str, changes: JsonB) -> Result<JsonB, ErrorReport> {
 pub fn push(tenant: &str, body: &Value) -> SyncResult<PushResponse> {
     validate_tenant(tenant)?;
     let max_changes = usize::try_from(crate::MAX_PUSH_CHANGES.get()).unwrap_or(0);
-    let changes = parse_changes(body, max_changes)?;
+    let mut changes = parse_changes(body, max_changes)?;
     if changes.is_empty() {
         let cursor = Spi::connect(|client| storage::last_seq(client, tenant))?;
         return Ok(PushResponse { cursor, results: Vec::new() });
     }
-    let latest_allowed_millis = wall_clock_millis() + i64::from(crate::MAX_CLOCK_SKEW_MS.get());
     Spi::connect_mut(|client| {
-        let last_seq = storage::lock_tenant(client, tenant)?;
-        let context = BatchContext {
-            last_seq,
-            logged: storage::logged_ops(client, tenant, &changes)?,
-            rows: storage::load_rows(client, tenant, &changes)?,
-            latest_allowed_millis,
-        };
-        let outcome = merge_batch(&changes, context);
-        if !outcome.appended.is_empty() {
-            storage::append_ops(client, tenant, &changes, &outcome.appended)?;
-            storage::save_rows(client, tenant, &outcome.rows)?;
-            storage::advance_tenant(client, tenant, outcome.last_seq)?;
-            client.update("SELECT pg_notify('sync_ext', $1)", None, &[tenant.into()])?;
+        let state = storage::lock_tenant(client, tenant)?;
+        let names: BTreeSet<&str> = changes.iter().map(|change| change.model.as_str()).collect();
+        let models = Model::load_named(client, &names.into_iter().collect::<Vec<_>>())?;
+        if models.is_empty() {
+            let outcome = store_batch(client, tenant, &state, &changes, HashMap::new())?;
+            return Ok(PushResponse { cursor: outcome.last_seq, results: outcome.results });
         }
+        let mut refused = models::normalize_changes(&mut changes, tenant, &models);
+        let mut outcome = merge(client, tenant, &state, &changes, refused.clone())?;
+        let refused_rows = models::write_rows(client, tenant, &models, &pending_writes(&outcome, &models));
+        if !refused_rows.is_empty() {
+            for (index, change) in changes.iter().enumerate() {
+                let duplicate = matches!(outcome.results[index].status, Status::Duplicate { .. });
+                if let Some(reason) = refused_rows.get(&(change.model.clone(), change.pk.clone())).filter(|_| !duplicate) {
+                    refused.entry(index).or_insert_with(|| reason.clone());
+                }
+            }
+            outcome = merge(client, tenant, &state, &changes, refused)?;
+        }
+        store(client, tenant, &state, &changes, &outcome)?;
         Ok(PushResponse { cursor: outcome.last_seq, results: outcome.results })
     })
+}
+
+/// The final states of the registered models' rows that a batch changed, to write into their tables.
+fn pending_writes(outcome: &BatchOutcome, models: &HashMap<String, Model>) -> PendingWrites {
+    let mut pending = PendingWrites::new();
+    for ((model, pk), touched) in &outcome.rows {
+        if models.contains_key(model) {
+            pending.entry(model.clone()).or_default().push((pk.clone(), touched.state.visible()));
+        }
+    }
+    pending
+}
+
+/// Decides a batch against the stored state of a locked tenant (two reads, no writes).
+fn merge(client: &SpiClient<'_>, tenant: &str, state: &TenantState, changes: &[Change], refused: HashMap<usize, String>) -> SyncResult<BatchOutcome> {
+    let context = BatchContext {
+        last_seq: state.last_seq,
+        logged: storage::logged_ops(client, tenant, changes)?,
+        rows: storage::load_rows(client, tenant, changes)?,
+        latest_allowed_millis: wall_clock_millis() + i64::from(crate::MAX_CLOCK_SKEW_MS.get()),
+        refused,
+    };
+    Ok(merge_batch(changes, context))
+}
+
+/// Writes a batch's outcome: the op log, the snapshots, the tenant's counters, and a notification.
+fn store(client: &mut SpiClient<'_>, tenant: &str, state: &TenantState, changes: &[Change], outcome: &BatchOutcome) -> SyncResult<()> {
+    if outcome.appended.is_empty() {
+        return Ok(());
+    }
+    storage::append_ops(client, tenant, changes, &outcome.appended)?;
+    storage::save_rows(client, tenant, &outcome.rows)?;
+    let newest = outcome.appended.iter().map(|entry| changes[entry.index].hlc).max();
+    storage::advance_tenant(client, tenant, outcome.last_seq, state.last_hlc.max(newest))?;
+    client.update("SELECT pg_notify('sync_ext', $1)", None, &[tenant.into()])?;
+    Ok(())
+}
+
+/// Merges and stores a batch for a locked tenant.
+pub fn store_batch(client: &mut SpiClient<'_>, tenant: &str, state: &TenantState, changes: &[Change], refused: HashMap<usize, String>) -> SyncResult<BatchOutcome> {
+    let outcome = merge(client, tenant, state, changes, refused)?;
+    store(client, tenant, state, changes, &outcome)?;
+    Ok(outcome)
 }
 
 #[cfg(any(test, feature = "pg_test"))]

@@ -25,33 +25,42 @@ pub fn last_seq(client: &SpiClient<'_>, tenant: &str) -> SyncResult<i64> {
     Ok(if table.is_empty() { 0 } else { table.first().get_one::<i64>()?.unwrap_or(0) })
 }
 
-/// Locks the tenant's counter row until the transaction ends (creating it on first use) and returns
-/// its last seq. Pushes to one tenant run one after another from here on; other tenants never wait.
-pub fn lock_tenant(client: &mut SpiClient<'_>, tenant: &str) -> SyncResult<i64> {
-    let locked = client.update(
-        "SELECT last_seq FROM sync_ext.tenants WHERE tenant_id = $1 FOR NO KEY UPDATE",
-        Some(1),
-        &[tenant.into()],
-    )?;
-    if !locked.is_empty() {
-        return Ok(locked.first().get_one::<i64>()?.unwrap_or(0));
-    }
-    let created = client.update(
-        "INSERT INTO sync_ext.tenants AS t (tenant_id) VALUES ($1)
-         ON CONFLICT (tenant_id) DO UPDATE SET last_seq = t.last_seq
-         RETURNING last_seq",
-        Some(1),
-        &[tenant.into()],
-    )?;
-    Ok(created.first().get_one::<i64>()?.unwrap_or(0))
+/// A tenant's counters, read under its lock.
+#[derive(Clone, Copy, Debug)]
+pub struct TenantState {
+    pub last_seq: i64,
+    /// The greatest hlc applied so far.
+    pub last_hlc: Option<Hlc>,
 }
 
-/// Records the tenant's new last seq and push time.
-pub fn advance_tenant(client: &mut SpiClient<'_>, tenant: &str, last_seq: i64) -> SyncResult<()> {
+/// Locks the tenant's counter row until the transaction ends (creating it on first use) and returns
+/// its counters. Pushes to one tenant run one after another from here on; other tenants never wait.
+pub fn lock_tenant(client: &mut SpiClient<'_>, tenant: &str) -> SyncResult<TenantState> {
+    let mut locked = client.update(
+        "SELECT last_seq, last_hlc FROM sync_ext.tenants WHERE tenant_id = $1 FOR NO KEY UPDATE",
+        Some(1),
+        &[tenant.into()],
+    )?;
+    if locked.is_empty() {
+        locked = client.update(
+            "INSERT INTO sync_ext.tenants AS t (tenant_id) VALUES ($1)
+             ON CONFLICT (tenant_id) DO UPDATE SET last_seq = t.last_seq
+             RETURNING last_seq, last_hlc",
+            Some(1),
+            &[tenant.into()],
+        )?;
+    }
+    let (last_seq, last_hlc) = locked.first().get_two::<i64, String>()?;
+    let last_hlc = last_hlc.map(|text| text.parse().map_err(|_| SyncError::CorruptTenant { tenant: tenant.to_owned() })).transpose()?;
+    Ok(TenantState { last_seq: last_seq.unwrap_or(0), last_hlc })
+}
+
+/// Records the tenant's new last seq, greatest hlc and push time.
+pub fn advance_tenant(client: &mut SpiClient<'_>, tenant: &str, last_seq: i64, last_hlc: Option<Hlc>) -> SyncResult<()> {
     client.update(
-        "UPDATE sync_ext.tenants SET last_seq = $2, last_push_at = now() WHERE tenant_id = $1",
+        "UPDATE sync_ext.tenants SET last_seq = $2, last_hlc = $3, last_push_at = now() WHERE tenant_id = $1",
         None,
-        &[tenant.into(), last_seq.into()],
+        &[tenant.into(), last_seq.into(), last_hlc.map(|hlc| hlc.to_string()).into()],
     )?;
     Ok(())
 }

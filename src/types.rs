@@ -64,7 +64,8 @@ pub struct ArrayCodec {
 #[derive(Clone, Debug)]
 pub struct Field {
     pub name: String,
-    pub oid: pg_sys::Oid,
+    /// Index of the attribute in the type's tuple descriptor (dropped attributes included).
+    pub position: usize,
     pub typmod: i32,
     pub codec: Codec,
 }
@@ -345,7 +346,7 @@ fn flatten<'v>(value: &'v Value, depth: usize, dims: &mut Vec<i32>, flat: &mut V
 }
 
 /// The live attributes of a composite type.
-fn composite_fields(oid: pg_sys::Oid, typmod: i32) -> SyncResult<Vec<Field>> {
+pub fn composite_fields(oid: pg_sys::Oid, typmod: i32) -> SyncResult<Vec<Field>> {
     // SAFETY: lookup_rowtype_tupdesc pins the descriptor until DecrTupleDescRefCount.
     unsafe {
         let descriptor = pg_sys::lookup_rowtype_tupdesc(oid, typmod);
@@ -363,14 +364,15 @@ pub unsafe fn tuple_desc_fields(descriptor: pg_sys::TupleDesc) -> SyncResult<Vec
     let attributes = unsafe { (*descriptor).attrs.as_slice((*descriptor).natts as usize) };
     attributes
         .iter()
-        .filter(|attribute| !attribute.attisdropped)
-        .map(|attribute| {
+        .enumerate()
+        .filter(|(_, attribute)| !attribute.attisdropped)
+        .map(|(position, attribute)| {
             let name = unsafe { CStr::from_ptr(attribute.attname.data.as_ptr()) }.to_string_lossy().into_owned();
             let codec = Codec::for_type(attribute.atttypid).map_err(|error| match error {
                 SyncError::UnsupportedType { type_name } => SyncError::UnsupportedColumn { column: name.clone(), type_name },
                 other => other,
             })?;
-            Ok(Field { name, oid: attribute.atttypid, typmod: attribute.atttypmod, codec })
+            Ok(Field { name, position, typmod: attribute.atttypmod, codec })
         })
         .collect()
 }

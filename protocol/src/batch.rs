@@ -63,11 +63,13 @@ pub struct BatchContext {
     pub rows: HashMap<RowKey, RowState>,
     /// Changes whose hlc wall time is past this (milliseconds since the epoch) are rejected for clock skew.
     pub latest_allowed_millis: i64,
+    /// Changes refused before merging (by index in the batch), with their reasons.
+    pub refused: HashMap<usize, String>,
 }
 
 /// Decides the outcome of every change of a batch, in order.
 pub fn merge_batch(changes: &[Change], context: BatchContext) -> BatchOutcome {
-    let BatchContext { mut last_seq, mut logged, mut rows, latest_allowed_millis } = context;
+    let BatchContext { mut last_seq, mut logged, mut rows, latest_allowed_millis, refused } = context;
     let mut seen_unlogged: HashMap<Uuid, [u8; 32]> = HashMap::new();
     let mut outcome = BatchOutcome::default();
     for (index, change) in changes.iter().enumerate() {
@@ -75,6 +77,7 @@ pub fn merge_batch(changes: &[Change], context: BatchContext) -> BatchOutcome {
         let earlier = logged.get(&change.op_id).map(|op| (op.payload_hash, Some(op.seq)));
         let earlier = earlier.or_else(|| seen_unlogged.get(&change.op_id).map(|hash| (*hash, None)));
         let status = match earlier {
+            _ if refused.contains_key(&index) => Status::Rejected { reason: refused[&index].clone() },
             Some((earlier_hash, _)) if earlier_hash != hash => Status::Rejected { reason: REASON_OP_ID_CONFLICT.into() },
             Some((_, Some(seq))) => Status::Duplicate { seq },
             _ if change.hlc.millis() > latest_allowed_millis => Status::Rejected { reason: REASON_CLOCK_SKEW.into() },

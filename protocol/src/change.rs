@@ -95,7 +95,12 @@ impl WireError {
 
 /// Checks a tenant name: non-empty, at most [`MAX_NAME_BYTES`].
 pub fn validate_tenant(tenant: &str) -> Result<(), WireError> {
-    check_name("tenant", tenant, MAX_NAME_BYTES)
+    validate_name("tenant", tenant)
+}
+
+/// Checks a name (tenant, model, actor): non-empty, at most [`MAX_NAME_BYTES`], no NUL.
+pub fn validate_name(location: &str, text: &str) -> Result<(), WireError> {
+    check_name(location, text, MAX_NAME_BYTES)
 }
 
 fn check_name(location: &str, text: &str, max_bytes: usize) -> Result<(), WireError> {
@@ -141,7 +146,7 @@ fn parse_change(index: usize, item: &Value) -> Result<Change, WireError> {
     let op_id = Uuid::try_parse(op_id_text)
         .map_err(|_| WireError::text(at("op_id"), format!("expected a UUID, got {op_id_text:?}")))?;
     let model = string("model")?;
-    check_name(&at("model"), model, MAX_NAME_BYTES)?;
+    validate_name(&at("model"), model)?;
     let pk = string("pk")?;
     check_name(&at("pk"), pk, MAX_PK_BYTES)?;
     let op_text = string("op")?;
@@ -150,7 +155,7 @@ fn parse_change(index: usize, item: &Value) -> Result<Change, WireError> {
     })?;
     let hlc: Hlc = string("hlc")?.parse().map_err(|e: crate::hlc::HlcParseError| WireError::text(at("hlc"), e.to_string()))?;
     let actor = string("actor")?;
-    check_name(&at("actor"), actor, MAX_NAME_BYTES)?;
+    validate_name(&at("actor"), actor)?;
     let value = match (op, object.get("value")) {
         (Op::Delete, None | Some(Value::Null)) => None,
         (Op::Delete, Some(other)) => {

@@ -1,0 +1,751 @@
+//! Sync models bound to application tables.
+//!
+//! A registered model's pushed changes are decoded per column type and written into its table, in
+//! the push's transaction; plain SQL writes to the table are captured into the op log (see
+//! [`crate::capture`]). The table's primary key is the row's pk on the wire: a single column's
+//! portable value as text (a string as itself, anything else as its JSON), or for a composite key
+//! the JSON array of the columns' portable values.
+
+use std::cell::Cell;
+use std::collections::{BTreeMap, HashMap};
+
+use pgrx::datum::DatumWithOid;
+use pgrx::prelude::*;
+use pgrx::spi::SpiClient;
+use serde_json::{Map, Value};
+use sync_ext_protocol::{validate_tenant, Change, Op, RowKey};
+
+use crate::errors::{SyncError, SyncResult};
+use crate::subtransaction::{in_subtransaction, StepError};
+use crate::types::{composite_fields, number_mode, Codec, Field};
+
+/// Which tenant a model's rows belong to.
+#[derive(Clone, Debug)]
+enum TenantBinding {
+    /// Each row names its tenant in this column (an index into `Model::fields`).
+    Column(usize),
+    /// The whole table belongs to one tenant.
+    Fixed(String),
+}
+
+/// A registered model and the shape of its table.
+#[derive(Clone, Debug)]
+pub struct Model {
+    pub name: String,
+    /// The table's name as SQL (quoted and qualified as needed).
+    table: String,
+    row_type: pg_sys::Oid,
+    /// Live columns in attribute order.
+    fields: Vec<Field>,
+    /// Primary key columns, as indexes into `fields`, in key order.
+    primary_key: Vec<usize>,
+    tenant: TenantBinding,
+}
+
+thread_local! {
+    static APPLYING_PUSH: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Whether the engine itself is writing a registered table (its writes are not captured again).
+pub fn applying_push() -> bool {
+    APPLYING_PUSH.with(Cell::get)
+}
+
+/// Marks the engine's own table writes for as long as it lives.
+struct ApplyingPush;
+
+impl ApplyingPush {
+    fn start() -> Self {
+        APPLYING_PUSH.with(|flag| flag.set(true));
+        ApplyingPush
+    }
+}
+
+impl Drop for ApplyingPush {
+    fn drop(&mut self) {
+        APPLYING_PUSH.with(|flag| flag.set(false));
+    }
+}
+
+fn quote_identifier(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// The reason of a change refused while applying it to its table.
+fn refusal(code: &str, detail: impl std::fmt::Display) -> String {
+    format!("{code}: {detail}")
+}
+
+/// The five-character SQLSTATE of an error code.
+pub fn sqlstate_text(code: i32) -> String {
+    (0..5).map(|i| char::from(((code >> (6 * i)) & 0x3F) as u8 + b'0')).collect()
+}
+
+fn step_refusal(error: &StepError) -> String {
+    let code = match error.sqlstate.get(..2) {
+        Some("23") => "constraint_violation",
+        _ => "invalid_value",
+    };
+    refusal(code, &error.message)
+}
+
+impl Model {
+    /// Reads a table's shape and checks it can be synced: it has a primary key, every column maps
+    /// to portable JSON, and the tenant column (if any) holds text.
+    fn describe(client: &SpiClient<'_>, name: &str, table: pg_sys::Oid, tenant_column: Option<&str>, tenant: Option<&str>) -> SyncResult<Model> {
+        let shape = client.select(
+            "SELECT c.oid::regclass::text, c.reltype, c.relkind::text,
+                    (SELECT array_agg(a.attname::text ORDER BY k.ord)
+                       FROM pg_index AS i, unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord), pg_attribute AS a
+                      WHERE i.indrelid = c.oid AND i.indisprimary AND a.attrelid = c.oid AND a.attnum = k.attnum)
+               FROM pg_class AS c WHERE c.oid = $1",
+            Some(1),
+            &[table.into()],
+        )?;
+        if shape.is_empty() {
+            return Err(SyncError::InvalidArgument { argument: "tbl", problem: format!("no table has oid {}", table.to_u32()) });
+        }
+        let shape = shape.first();
+        let table_name: String = shape.get(1)?.unwrap_or_default();
+        let row_type: pg_sys::Oid = shape.get(2)?.unwrap_or(pg_sys::InvalidOid);
+        let kind: String = shape.get(3)?.unwrap_or_default();
+        if !matches!(kind.as_str(), "r" | "p") {
+            return Err(SyncError::InvalidArgument { argument: "tbl", problem: format!("{table_name} is not a table") });
+        }
+        let key_columns: Vec<String> = shape.get(4)?.unwrap_or_default();
+        if key_columns.is_empty() {
+            return Err(SyncError::InvalidArgument {
+                argument: "tbl",
+                problem: format!("{table_name} has no primary key; a synced table needs one (it is the row's pk on the wire)"),
+            });
+        }
+        let fields = composite_fields(row_type, -1)?;
+        let position = |column: &str| fields.iter().position(|field| field.name == column);
+        let primary_key = key_columns.iter().map(|column| position(column).expect("key columns are live")).collect();
+        let tenant = match (tenant_column, tenant) {
+            (Some(column), None) => {
+                let index = position(column).ok_or_else(|| SyncError::InvalidArgument {
+                    argument: "tenant_column",
+                    problem: format!("{table_name} has no column {}", quote_identifier(column)),
+                })?;
+                if !matches!(fields[index].codec, Codec::Text(_)) {
+                    return Err(SyncError::InvalidArgument {
+                        argument: "tenant_column",
+                        problem: format!("column {} must hold text (text or varchar)", quote_identifier(column)),
+                    });
+                }
+                TenantBinding::Column(index)
+            }
+            (None, Some(tenant)) => {
+                validate_tenant(tenant)?;
+                TenantBinding::Fixed(tenant.to_owned())
+            }
+            _ => {
+                return Err(SyncError::InvalidArgument {
+                    argument: "tenant_column",
+                    problem: "give exactly one of tenant_column (the column naming each row's tenant) and tenant (the one tenant owning the table)".into(),
+                })
+            }
+        };
+        Ok(Model { name: name.to_owned(), table: table_name, row_type, fields, primary_key, tenant })
+    }
+
+    /// The registered models among `names`, by name.
+    pub fn load_named(client: &SpiClient<'_>, names: &[&str]) -> SyncResult<HashMap<String, Model>> {
+        Self::load(client, "model = ANY($1)", names.to_vec().into())
+    }
+
+    /// The model registered for a table, if any.
+    pub fn load_for_table(client: &SpiClient<'_>, table: pg_sys::Oid) -> SyncResult<Option<Model>> {
+        Ok(Self::load(client, "table_name = $1", table.into())?.into_values().next())
+    }
+
+    fn load(client: &SpiClient<'_>, condition: &str, argument: DatumWithOid<'_>) -> SyncResult<HashMap<String, Model>> {
+        let rows = client.select(
+            &format!("SELECT model, table_name::oid, tenant_column::text, tenant FROM sync_ext.models WHERE {condition}"),
+            None,
+            &[argument],
+        )?;
+        let mut registered = Vec::new();
+        for row in rows {
+            let table: pg_sys::Oid = row.get(2)?.unwrap_or(pg_sys::InvalidOid);
+            registered.push((row.get::<String>(1)?.unwrap_or_default(), table, row.get::<String>(3)?, row.get::<String>(4)?));
+        }
+        registered
+            .into_iter()
+            .map(|(name, table, column, tenant)| {
+                let model = Self::describe(client, &name, table, column.as_deref(), tenant.as_deref())?;
+                Ok((name, model))
+            })
+            .collect()
+    }
+
+    fn field(&self, name: &str) -> Option<(usize, &Field)> {
+        self.fields.iter().enumerate().find(|(_, field)| field.name == name)
+    }
+
+    fn tenant_column(&self) -> Option<&Field> {
+        match self.tenant {
+            TenantBinding::Column(index) => Some(&self.fields[index]),
+            TenantBinding::Fixed(_) => None,
+        }
+    }
+
+    /// The tenant of a row given as portable JSON (for a table with a tenant column, the column's value).
+    pub fn tenant_of(&self, row: &Map<String, Value>) -> SyncResult<String> {
+        match &self.tenant {
+            TenantBinding::Fixed(tenant) => Ok(tenant.clone()),
+            TenantBinding::Column(index) => match row.get(&self.fields[*index].name) {
+                Some(Value::String(tenant)) if !tenant.is_empty() => Ok(tenant.clone()),
+                _ => Err(SyncError::MissingTenant { table: self.table.clone(), column: self.fields[*index].name.clone() }),
+            },
+        }
+    }
+
+    /// Takes the tenant column out of a row given as portable JSON (the tenant is implied).
+    pub fn remove_tenant_column(&self, row: &mut Map<String, Value>) {
+        if let Some(column) = self.tenant_column() {
+            row.remove(&column.name);
+        }
+    }
+
+    /// The wire pk of a row given as portable JSON; `None` when a key column is missing or null.
+    pub fn pk_text(&self, row: &Map<String, Value>) -> Option<String> {
+        let values: Vec<&Value> = self.primary_key.iter().map(|&index| row.get(&self.fields[index].name)).collect::<Option<_>>()?;
+        if values.iter().any(|value| value.is_null()) {
+            return None;
+        }
+        Some(match values.as_slice() {
+            [Value::String(text)] => text.clone(),
+            [single] => single.to_string(),
+            many => Value::Array(many.iter().map(|value| (*value).clone()).collect()).to_string(),
+        })
+    }
+
+    /// The key columns' portable values encoded by a wire pk.
+    fn pk_fields(&self, pk: &str) -> Result<Map<String, Value>, String> {
+        let values = match self.primary_key.as_slice() {
+            [only] => vec![match self.fields[*only].codec {
+                Codec::Int2 | Codec::Int4 | Codec::Float4 | Codec::Float8 | Codec::Bool => {
+                    serde_json::from_str(pk).map_err(|_| refusal("invalid_pk", format!("{pk:?} is not a value of column {}", self.fields[*only].name)))?
+                }
+                _ => Value::String(pk.to_owned()),
+            }],
+            many => match serde_json::from_str::<Vec<Value>>(pk) {
+                Ok(values) if values.len() == many.len() => values,
+                _ => return Err(refusal("invalid_pk", format!("expected a JSON array of {} key values, got {pk:?}", many.len()))),
+            },
+        };
+        Ok(self.primary_key.iter().map(|&index| self.fields[index].name.clone()).zip(values).collect())
+    }
+
+    /// Decodes one portable column value and encodes it again: the value as the table will hold it.
+    fn normalize_value(&self, field: &Field, value: &Value) -> Result<Value, String> {
+        let decoded = field.codec.from_portable(value, field.typmod).map_err(|error| refusal("invalid_value", format!("column \"{}\": {error}", field.name)))?;
+        Ok(match decoded {
+            // SAFETY: the datum was just built as a value of the column's type.
+            Some(datum) => unsafe { field.codec.to_portable(datum, number_mode()) }.map_err(|error| refusal("invalid_value", error))?,
+            None => Value::Null,
+        })
+    }
+
+    /// Checks a pushed change against the table and returns its value as the table will hold it
+    /// (the tenant column left out, an insert's key columns filled from its pk), or the reason it is refused.
+    /// May raise a Postgres error (a value out of a column's range): run it in a subtransaction.
+    pub fn normalize(&self, change: &Change, tenant: &str) -> Result<Option<Map<String, Value>>, String> {
+        if let TenantBinding::Fixed(owner) = &self.tenant {
+            if owner != tenant {
+                return Err(refusal("wrong_tenant", format!("model {} belongs to another tenant", self.name)));
+            }
+        }
+        let mut key = Map::new();
+        for (name, value) in self.pk_fields(&change.pk)? {
+            let (_, field) = self.field(&name).expect("key columns are fields");
+            if value.is_null() {
+                return Err(refusal("invalid_pk", format!("key column \"{name}\" cannot be null")));
+            }
+            key.insert(name, self.normalize_value(field, &value)?);
+        }
+        let Some(value) = &change.value else { return Ok(None) };
+        let mut normalized = if change.op == Op::Insert { key.clone() } else { Map::new() };
+        for (name, value) in value {
+            let Some((_, field)) = self.field(name) else {
+                return Err(refusal("invalid_value", format!("column \"{name}\" does not exist in {}", self.table)));
+            };
+            if self.tenant_column().is_some_and(|column| column.name == *name) {
+                if value.as_str() != Some(tenant) {
+                    return Err(refusal("wrong_tenant", format!("column \"{name}\" is {value}, not the pushing tenant")));
+                }
+                continue;
+            }
+            let value = self.normalize_value(field, value)?;
+            if key.get(name).is_some_and(|key_value| *key_value != value) {
+                return Err(refusal("invalid_pk", format!("column \"{name}\" is {value}, which differs from the change's pk")));
+            }
+            normalized.insert(name.clone(), value);
+        }
+        Ok(Some(normalized))
+    }
+
+    /// A record of the table's row type holding `row`'s columns (absent ones null) and the tenant.
+    fn record(&self, row: &Map<String, Value>, tenant: &str) -> Result<pg_sys::Datum, String> {
+        let mut columns = row.clone();
+        if let Some(column) = self.tenant_column() {
+            columns.insert(column.name.clone(), Value::from(tenant));
+        }
+        let mut values = Vec::new();
+        for (name, value) in &columns {
+            let (_, field) = self.field(name).ok_or_else(|| refusal("invalid_value", format!("column \"{name}\" does not exist")))?;
+            let datum = field.codec.from_portable(value, field.typmod).map_err(|error| refusal("invalid_value", format!("column \"{name}\": {error}")))?;
+            values.push((field.position, datum));
+        }
+        // SAFETY: builds a tuple of the table's row type from datums of each column's type.
+        unsafe {
+            let descriptor = pg_sys::lookup_rowtype_tupdesc(self.row_type, -1);
+            let natts = (*descriptor).natts as usize;
+            let mut datums = vec![pg_sys::Datum::from(0); natts];
+            let mut nulls = vec![true; natts];
+            for (position, datum) in values {
+                if let Some(datum) = datum {
+                    datums[position] = datum;
+                    nulls[position] = false;
+                }
+            }
+            let tuple = pg_sys::heap_form_tuple(descriptor, datums.as_mut_ptr(), nulls.as_mut_ptr());
+            let record = pg_sys::heap_copy_tuple_as_datum(tuple, descriptor);
+            pg_sys::DecrTupleDescRefCount(descriptor);
+            Ok(record)
+        }
+    }
+
+    /// An array of records of the table's row type, as an SPI argument.
+    fn records_argument(&self, records: Vec<pg_sys::Datum>) -> DatumWithOid<'static> {
+        // SAFETY: the records are of the row type, a varlena aligned on doubles.
+        unsafe {
+            let mut records = records;
+            let array = pg_sys::construct_array(records.as_mut_ptr(), records.len() as i32, self.row_type, -1, false, b'd' as std::ffi::c_char);
+            DatumWithOid::new(pg_sys::Datum::from(array), pg_sys::get_array_type(self.row_type))
+        }
+    }
+
+    fn columns_sql<'a>(&self, names: impl Iterator<Item = &'a String>, prefix: &str) -> String {
+        names.map(|name| format!("{prefix}{}", quote_identifier(name))).collect::<Vec<_>>().join(", ")
+    }
+
+    /// Writes final row states into the table (`None`: the row is deleted): one statement per
+    /// column set. Returns the pks of rows that belong to another tenant and were left alone.
+    fn write(&self, client: &mut SpiClient<'_>, tenant: &str, rows: &[(String, Option<Map<String, Value>>)]) -> Result<Vec<String>, String> {
+        let key_names: Vec<&String> = self.primary_key.iter().map(|&index| &self.fields[index].name).collect();
+        let tenant_guard = |alias: &str| match self.tenant_column() {
+            Some(column) => format!(" AND {alias}.{} = $2", quote_identifier(&column.name)),
+            None => String::new(),
+        };
+        let mut upserts: BTreeMap<Vec<String>, Vec<(&str, &Map<String, Value>)>> = BTreeMap::new();
+        let mut deletes: Vec<&str> = Vec::new();
+        for (pk, row) in rows {
+            match row {
+                Some(row) => {
+                    let mut columns: Vec<String> = row.keys().cloned().collect();
+                    columns.extend(self.tenant_column().map(|column| column.name.clone()));
+                    upserts.entry(columns).or_default().push((pk.as_str(), row));
+                }
+                None => deletes.push(pk.as_str()),
+            }
+        }
+        let mut foreign = Vec::new();
+        for (columns, group) in upserts {
+            let mut records = Vec::with_capacity(group.len());
+            for (pk, row) in &group {
+                let mut full = (*row).clone();
+                full.extend(self.pk_fields(pk)?);
+                records.push(self.record(&full, tenant)?);
+            }
+            let mut all_columns = columns.clone();
+            for key in &key_names {
+                if !all_columns.contains(key) {
+                    all_columns.push((*key).clone());
+                }
+            }
+            let updated: Vec<&String> = all_columns.iter().filter(|column| !key_names.contains(column)).collect();
+            let assignments = if updated.is_empty() {
+                format!("{0} = excluded.{0}", quote_identifier(key_names[0]))
+            } else {
+                updated.iter().map(|column| format!("{0} = excluded.{0}", quote_identifier(column))).collect::<Vec<_>>().join(", ")
+            };
+            let guard = tenant_guard("t");
+            let statement = format!(
+                "INSERT INTO {table} AS t ({columns}) SELECT {values} FROM unnest($1) AS r
+                 ON CONFLICT ({keys}) DO UPDATE SET {assignments} {where_guard}
+                 RETURNING {returned}",
+                table = self.table,
+                columns = self.columns_sql(all_columns.iter(), ""),
+                values = self.columns_sql(all_columns.iter(), "(r)."),
+                keys = self.columns_sql(key_names.iter().copied(), ""),
+                where_guard = if guard.is_empty() { String::new() } else { format!("WHERE {}", &guard[5..]) },
+                returned = self.columns_sql(key_names.iter().copied(), "t."),
+            );
+            let mut arguments = vec![self.records_argument(records)];
+            arguments.push(tenant.into());
+            let mut written = client.update(&statement, None, &arguments).map_err(|error| refusal("invalid_value", error))?;
+            let mut written_pks = Vec::with_capacity(written.len());
+            while written.next().is_some() {
+                let mut key = Map::new();
+                for (ordinal, &index) in self.primary_key.iter().enumerate() {
+                    let field = &self.fields[index];
+                    let value = match written.get_datum_by_ordinal(ordinal + 1).map_err(|error| refusal("invalid_value", error))? {
+                        // SAFETY: RETURNING gives the key column, of the field's type.
+                        Some(datum) => unsafe { field.codec.to_portable(datum, number_mode()) }.map_err(|error| refusal("invalid_value", error))?,
+                        None => Value::Null,
+                    };
+                    key.insert(field.name.clone(), value);
+                }
+                written_pks.extend(self.pk_text(&key));
+            }
+            foreign.extend(group.iter().map(|(pk, _)| pk.to_string()).filter(|pk| !written_pks.contains(pk)));
+        }
+        if !deletes.is_empty() {
+            let mut records = Vec::with_capacity(deletes.len());
+            for pk in &deletes {
+                records.push(self.record(&self.pk_fields(pk)?, tenant)?);
+            }
+            let matches = key_names.iter().map(|key| format!("t.{0} = (r).{0}", quote_identifier(key))).collect::<Vec<_>>().join(" AND ");
+            let statement = format!("DELETE FROM {} AS t USING unnest($1) AS r WHERE {matches}{}", self.table, tenant_guard("t"));
+            client.update(&statement, None, &[self.records_argument(records), tenant.into()]).map_err(|error| refusal("invalid_value", error))?;
+        }
+        Ok(foreign)
+    }
+}
+
+/// Rows of registered models whose final state a batch must write, by model: (pk, row or `None` if deleted).
+pub type PendingWrites = HashMap<String, Vec<(String, Option<Map<String, Value>>)>>;
+
+/// Writes a batch's row states into the registered tables, isolating failures: the whole batch is
+/// tried in one subtransaction per model; if that fails, row by row. Returns the refused rows with reasons.
+pub fn write_rows(client: &mut SpiClient<'_>, tenant: &str, models: &HashMap<String, Model>, pending: &PendingWrites) -> HashMap<RowKey, String> {
+    let _applying = ApplyingPush::start();
+    let mut refused = HashMap::new();
+    for (model_name, rows) in pending {
+        let model = &models[model_name];
+        let mut record = |rows: &[(String, Option<Map<String, Value>>)], refused: &mut HashMap<RowKey, String>| -> bool {
+            match in_subtransaction(|| model.write(client, tenant, rows)) {
+                Ok(Ok(foreign)) => {
+                    for pk in foreign {
+                        refused.insert((model.name.clone(), pk), refusal("wrong_tenant", "the row belongs to another tenant"));
+                    }
+                    true
+                }
+                Ok(Err(reason)) => {
+                    if let [(pk, _)] = rows {
+                        refused.insert((model.name.clone(), pk.to_string()), reason);
+                    }
+                    false
+                }
+                Err(error) => {
+                    if let [(pk, _)] = rows {
+                        refused.insert((model.name.clone(), pk.to_string()), step_refusal(&error));
+                    }
+                    false
+                }
+            }
+        };
+        if !record(rows, &mut refused) && rows.len() > 1 {
+            for row in rows {
+                record(std::slice::from_ref(row), &mut refused);
+            }
+        }
+    }
+    refused
+}
+
+/// Checks every change of a registered model and puts its value in the form the table holds.
+/// Returns the refused changes (by index) with reasons. Values out of a column's range raise
+/// Postgres errors, so the batch is checked in one subtransaction, then change by change if that fails.
+pub fn normalize_changes(changes: &mut [Change], tenant: &str, models: &HashMap<String, Model>) -> HashMap<usize, String> {
+    let normalize_all = |changes: &[Change], indexes: &[usize]| -> Vec<(usize, Result<Option<Map<String, Value>>, String>)> {
+        indexes.iter().map(|&index| (index, models[&changes[index].model].normalize(&changes[index], tenant))).collect()
+    };
+    let registered: Vec<usize> = (0..changes.len()).filter(|&index| models.contains_key(&changes[index].model)).collect();
+    let results = match in_subtransaction(|| normalize_all(changes, &registered)) {
+        Ok(results) => results,
+        Err(_) => registered
+            .iter()
+            .map(|&index| {
+                let result = in_subtransaction(|| normalize_all(changes, &[index]).remove(0).1);
+                (index, result.unwrap_or_else(|error| Err(step_refusal(&error))))
+            })
+            .collect(),
+    };
+    let mut refused = HashMap::new();
+    for (index, result) in results {
+        match result {
+            Ok(value) => changes[index].value = value,
+            Err(reason) => {
+                refused.insert(index, reason);
+            }
+        }
+    }
+    refused
+}
+
+/// Binds a sync model to a table. Exactly one of `tenant_column` (the column holding each row's
+/// tenant, filled by the engine on pushed inserts) and `tenant` (the one tenant owning the table)
+/// must be given. Rows already in the table are offered to pulling clients.
+#[pg_extern(volatile, parallel_unsafe)]
+fn sync_register_model(
+    model: &str,
+    tbl: pgrx::PgRelation,
+    tenant_column: default!(Option<&str>, "NULL"),
+    tenant: default!(Option<&str>, "NULL"),
+) -> Result<(), pgrx::pg_sys::panic::ErrorReport> {
+    Ok(register(model, tbl.oid(), tenant_column, tenant)?)
+}
+
+fn register(name: &str, table: pg_sys::Oid, tenant_column: Option<&str>, tenant: Option<&str>) -> SyncResult<()> {
+    sync_ext_protocol::change::validate_name("model", name)?;
+    Spi::connect_mut(|client| {
+        let model = Model::describe(client, name, table, tenant_column, tenant)?;
+        let taken = client.select(
+            "SELECT model FROM sync_ext.models WHERE model = $1 OR table_name = $2",
+            Some(1),
+            &[name.into(), table.into()],
+        )?;
+        if !taken.is_empty() {
+            return Err(SyncError::AlreadyRegistered { model: name.to_owned(), table: model.table.clone() });
+        }
+        client.update(
+            "INSERT INTO sync_ext.models (model, table_name, tenant_column, tenant) VALUES ($1, $2, $3, $4)",
+            None,
+            &[name.into(), table.into(), tenant_column.into(), tenant.into()],
+        )?;
+        let table_sql = &model.table;
+        client.update(
+            &format!(
+                "CREATE TRIGGER sync_ext_capture_insert AFTER INSERT ON {table_sql}
+                     REFERENCING NEW TABLE AS sync_ext_new FOR EACH STATEMENT EXECUTE FUNCTION sync_ext.capture_insert();
+                 CREATE TRIGGER sync_ext_capture_update AFTER UPDATE ON {table_sql}
+                     REFERENCING OLD TABLE AS sync_ext_old NEW TABLE AS sync_ext_new FOR EACH STATEMENT EXECUTE FUNCTION sync_ext.capture_update();
+                 CREATE TRIGGER sync_ext_capture_delete AFTER DELETE ON {table_sql}
+                     REFERENCING OLD TABLE AS sync_ext_old FOR EACH STATEMENT EXECUTE FUNCTION sync_ext.capture_delete();
+                 CREATE TRIGGER sync_ext_forbid_truncate BEFORE TRUNCATE ON {table_sql}
+                     FOR EACH STATEMENT EXECUTE FUNCTION sync_ext.forbid_truncate();"
+            ),
+            None,
+            &[],
+        )?;
+        client.update(
+            &format!("SELECT sync_ext.capture_rows($1, NULL, (SELECT array_agg(t) FROM {table_sql} AS t))"),
+            None,
+            &[table.into()],
+        )?;
+        Ok(())
+    })
+}
+
+/// Unbinds a model from its table: its writes are no longer captured nor pushed changes applied.
+/// The model's history stays in the op log.
+#[pg_extern(volatile, parallel_unsafe)]
+fn sync_unregister_model(model: &str) -> Result<(), pgrx::pg_sys::panic::ErrorReport> {
+    Ok(unregister(model)?)
+}
+
+fn unregister(name: &str) -> SyncResult<()> {
+    Spi::connect_mut(|client| {
+        let removed = client.update("DELETE FROM sync_ext.models WHERE model = $1 RETURNING table_name::text", None, &[name.into()])?;
+        if removed.is_empty() {
+            return Err(SyncError::UnknownModel { model: name.to_owned() });
+        }
+        let table: String = removed.first().get_one()?.unwrap_or_default();
+        for trigger in ["sync_ext_capture_insert", "sync_ext_capture_update", "sync_ext_capture_delete", "sync_ext_forbid_truncate"] {
+            client.update(&format!("DROP TRIGGER IF EXISTS {trigger} ON {table}"), None, &[])?;
+        }
+        Ok(())
+    })
+}
+
+#[cfg(any(test, feature = "pg_test"))]
+#[pg_schema]
+mod tests {
+    use pgrx::prelude::*;
+    use serde_json::{json, Value};
+
+    use crate::testing::{error_of, pull, push, statuses};
+
+    const TODO_1: &str = "7f1e8c3a-0000-4000-8000-000000000001";
+    const TODO_2: &str = "7f1e8c3a-0000-4000-8000-000000000002";
+
+    fn create_todos() {
+        Spi::run(
+            "CREATE TABLE todos (
+                 id uuid PRIMARY KEY,
+                 tenant_id text NOT NULL,
+                 title text NOT NULL,
+                 done boolean NOT NULL DEFAULT false,
+                 priority numeric(4,2) CHECK (priority >= 0),
+                 due timestamptz,
+                 tags text[],
+                 meta jsonb);
+             SELECT sync_register_model('todo', 'todos', tenant_column => 'tenant_id');",
+        )
+        .unwrap();
+    }
+
+    fn change(n: u32, pk: &str, op: &str, value: Value) -> Value {
+        let mut change = json!({"op_id": format!("00000000-0000-4000-8000-{n:012}"), "model": "todo", "pk": pk, "op": op,
+                                "hlc": "2026-01-01T00:00:00.000Z-0000", "actor": "device-a"});
+        if !value.is_null() {
+            change["value"] = value;
+        }
+        change
+    }
+
+    fn text(sql: &str) -> Option<String> {
+        Spi::get_one::<String>(sql).unwrap()
+    }
+
+    #[pg_test]
+    fn a_pushed_insert_lands_as_a_typed_row_and_is_pulled_in_portable_form() {
+        create_todos();
+        let response = push(
+            "acme",
+            json!([change(1, TODO_1, "insert", json!({"title": "milk", "priority": "3.5", "tags": ["home", null], "due": "2026-11-24T10:00:00Z", "meta": {"n": [1]}}))]),
+        );
+        assert_eq!(statuses(&response), ["applied"]);
+        let row = text("SELECT format('%s|%s|%s|%s|%s|%s', tenant_id, priority, pg_typeof(priority), tags, pg_typeof(tags), done) FROM todos");
+        assert_eq!(row.as_deref(), Some("acme|3.50|numeric|{home,NULL}|text[]|f"));
+        let pulled = pull("acme", 0, 10);
+        assert_eq!(
+            pulled["changes"][0]["value"],
+            json!({"id": TODO_1, "title": "milk", "priority": "3.50", "tags": ["home", null], "due": "2026-11-24T10:00:00Z", "meta": {"n": [1]}})
+        );
+        assert_eq!(Spi::get_one::<i64>("SELECT count(*) FROM sync_ext.op_log").unwrap(), Some(1), "the engine's own write is not captured again");
+    }
+
+    #[pg_test]
+    fn a_plain_sql_update_is_pulled_with_the_server_actor() {
+        create_todos();
+        push("acme", json!([change(1, TODO_1, "insert", json!({"title": "milk"}))]));
+        Spi::run(&format!("UPDATE todos SET done = true WHERE id = '{TODO_1}'")).unwrap();
+        let pulled = pull("acme", 1, 10);
+        let captured = &pulled["changes"][0];
+        assert_eq!((captured["op"].clone(), captured["actor"].clone(), captured["value"].clone()), (json!("update"), json!("server"), json!({"done": true})));
+        assert!(captured["hlc"].as_str().unwrap() > "2026-01-01T00:00:00.000Z-0000", "the server stamps after what it has seen");
+        Spi::run(&format!("SET LOCAL sync_ext.actor = 'admin-panel'; DELETE FROM todos WHERE id = '{TODO_1}'")).unwrap();
+        let deleted = &pull("acme", 2, 10)["changes"][0];
+        assert_eq!((deleted["op"].clone(), deleted["actor"].clone(), deleted["pk"].clone()), (json!("delete"), json!("admin-panel"), json!(TODO_1)));
+    }
+
+    #[pg_test]
+    fn a_bad_value_is_rejected_naming_the_column_and_the_rest_of_the_batch_applies() {
+        create_todos();
+        let response = push(
+            "acme",
+            json!([
+                change(1, TODO_1, "insert", json!({"title": "milk", "priority": "abc"})),
+                change(2, TODO_2, "insert", json!({"title": "eggs", "priority": "1"})),
+                change(3, "7f1e8c3a-0000-4000-8000-000000000003", "insert", json!({"priority": "2"})),
+                change(4, "7f1e8c3a-0000-4000-8000-000000000004", "insert", json!({"title": "x", "priority": "-1"})),
+                change(5, "7f1e8c3a-0000-4000-8000-000000000005", "insert", json!({"title": "x", "colour": "red"})),
+                change(6, "7f1e8c3a-0000-4000-8000-000000000006", "insert", json!({"title": "x", "priority": "999.5"})),
+                change(7, "not-a-uuid", "insert", json!({"title": "x"})),
+            ]),
+        );
+        let results = response["results"].as_array().unwrap();
+        assert_eq!(statuses(&response), ["rejected", "applied", "rejected", "rejected", "rejected", "rejected", "rejected"]);
+        let reason = |i: usize| results[i]["reason"].as_str().unwrap().to_owned();
+        assert!(reason(0).starts_with("invalid_value: column \"priority\": expected a string of exact digits"), "{}", reason(0));
+        assert!(reason(2).starts_with("constraint_violation: null value in column \"title\""), "{}", reason(2));
+        assert!(reason(3).starts_with("constraint_violation: new row for relation \"todos\" violates check constraint \"todos_priority_check\""), "{}", reason(3));
+        assert_eq!(reason(4), "invalid_value: column \"colour\" does not exist in todos");
+        assert!(reason(5).starts_with("invalid_value: numeric field overflow"), "{}", reason(5));
+        assert!(reason(6).starts_with("invalid_value: column \"id\": expected a UUID string"), "{}", reason(6));
+        assert_eq!(text("SELECT string_agg(title, ',') FROM todos").as_deref(), Some("eggs"));
+        assert_eq!(Spi::get_one::<i64>("SELECT count(*) FROM sync_ext.op_log").unwrap(), Some(1));
+        assert_eq!(Spi::get_one::<i64>("SELECT count(*) FROM sync_ext.snapshots").unwrap(), Some(1));
+        assert_eq!(response["results"][1]["seq"], 1);
+    }
+
+    #[pg_test]
+    fn a_change_can_never_reach_another_tenants_row() {
+        create_todos();
+        push("globex", json!([change(1, TODO_1, "insert", json!({"title": "globex secret"}))]));
+        let hijack = push("acme", json!([change(2, TODO_1, "update", json!({"title": "mine now"}))]));
+        assert_eq!(hijack["results"][0]["reason"], "wrong_tenant: the row belongs to another tenant");
+        let spoof = push("acme", json!([change(3, TODO_2, "insert", json!({"title": "x", "tenant_id": "globex"}))]));
+        assert!(spoof["results"][0]["reason"].as_str().unwrap().starts_with("wrong_tenant: column \"tenant_id\""));
+        push("acme", json!([change(4, TODO_1, "delete", Value::Null)]));
+        assert_eq!(text("SELECT tenant_id || ':' || title FROM todos").as_deref(), Some("globex:globex secret"));
+        assert_eq!(pull("acme", 0, 10)["changes"].as_array().unwrap().len(), 1, "only acme's own tombstone");
+    }
+
+    #[pg_test]
+    fn multi_row_statements_copy_like_inserts_and_key_changes_are_captured() {
+        create_todos();
+        Spi::run(
+            "INSERT INTO todos (id, tenant_id, title)
+             SELECT ('7f1e8c3a-0000-4000-8000-00000000000' || n)::uuid, CASE WHEN n < 3 THEN 'acme' ELSE 'globex' END, 'task ' || n
+               FROM generate_series(1, 4) AS n",
+        )
+        .unwrap();
+        assert_eq!(pull("acme", 0, 10)["changes"].as_array().unwrap().len(), 2);
+        assert_eq!(pull("globex", 0, 10)["changes"].as_array().unwrap().len(), 2);
+        Spi::run(&format!("UPDATE todos SET id = '7f1e8c3a-0000-4000-8000-000000000009' WHERE id = '{TODO_1}'")).unwrap();
+        let moved = pull("acme", 2, 10);
+        let ops: Vec<(String, String)> =
+            moved["changes"].as_array().unwrap().iter().map(|c| (c["op"].as_str().unwrap().into(), c["pk"].as_str().unwrap().into())).collect();
+        assert_eq!(ops, [("insert".to_owned(), "7f1e8c3a-0000-4000-8000-000000000009".to_owned()), ("delete".to_owned(), TODO_1.to_owned())]);
+        Spi::run("UPDATE todos SET title = title").unwrap();
+        assert_eq!(pull("acme", 4, 10)["changes"].as_array().unwrap().len(), 0, "an update that changes nothing logs nothing");
+        assert!(error_of("TRUNCATE todos").starts_with("55000: table todos is synced by sync_ext"));
+        Spi::run(r#"COPY todos (id, tenant_id, title) FROM PROGRAM 'printf "7f1e8c3a-0000-4000-8000-000000000008\tacme\tcopied\n"'"#).unwrap();
+        let copied = pull("acme", 4, 10);
+        assert_eq!((copied["changes"][0]["op"].clone(), copied["changes"][0]["value"]["title"].clone()), (json!("insert"), json!("copied")));
+    }
+
+    #[pg_test]
+    fn rows_present_at_registration_are_offered_to_new_clients() {
+        Spi::run(
+            "CREATE TABLE notes (list int, pos int, body text, PRIMARY KEY (list, pos));
+             INSERT INTO notes VALUES (1, 1, 'first'), (1, 2, 'second');
+             SELECT sync_register_model('note', 'notes', tenant => 'acme');",
+        )
+        .unwrap();
+        let pulled = pull("acme", 0, 10);
+        let pks: Vec<&str> = pulled["changes"].as_array().unwrap().iter().map(|c| c["pk"].as_str().unwrap()).collect();
+        assert_eq!(pks, ["[1,1]", "[1,2]"]);
+        assert_eq!(pulled["changes"][0]["value"], json!({"list": 1, "pos": 1, "body": "first"}));
+        let mut update = change(1, "[1,2]", "update", json!({"body": "edited"}));
+        update["model"] = json!("note");
+        update["hlc"] = json!("2999-01-01T00:00:00.000Z-0000");
+        assert_eq!(statuses(&push("acme", json!([update.clone()]))), ["rejected"], "clock skew");
+        update["hlc"] = json!(sync_ext_protocol::Hlc::new(sync_ext_protocol::hlc::wall_clock_millis(), 9).unwrap().to_string());
+        assert_eq!(statuses(&push("acme", json!([update.clone()]))), ["applied"]);
+        assert_eq!(text("SELECT body FROM notes WHERE list = 1 AND pos = 2").as_deref(), Some("edited"));
+        update["op_id"] = json!("00000000-0000-4000-8000-000000000077");
+        assert!(push("globex", json!([update]))["results"][0]["reason"].as_str().unwrap().starts_with("wrong_tenant: model note belongs to another tenant"));
+    }
+
+    #[pg_test]
+    fn registration_checks_the_table_and_its_arguments() {
+        Spi::run(
+            "CREATE TABLE places (id int PRIMARY KEY, tenant_id text, at point);
+             CREATE TABLE keyless (id int, tenant_id text);
+             CREATE TABLE good (id int PRIMARY KEY, tenant_id text, n int);",
+        )
+        .unwrap();
+        assert_eq!(
+            error_of("SELECT sync_register_model('place', 'places', tenant_column => 'tenant_id')"),
+            "0A000: column \"at\" has type point, which has no portable JSON form"
+        );
+        assert!(error_of("SELECT sync_register_model('k', 'keyless', tenant_column => 'tenant_id')").starts_with("22023: tbl: keyless has no primary key"));
+        assert!(error_of("SELECT sync_register_model('g', 'good')").starts_with("22023: tenant_column: give exactly one of"));
+        assert!(error_of("SELECT sync_register_model('g', 'good', 'tenant_id', 'acme')").starts_with("22023: tenant_column: give exactly one of"));
+        assert_eq!(error_of("SELECT sync_register_model('g', 'good', 'nope')"), "22023: tenant_column: good has no column \"nope\"");
+        assert_eq!(error_of("SELECT sync_register_model('g', 'good', 'n')"), "22023: tenant_column: column \"n\" must hold text (text or varchar)");
+        Spi::run("SELECT sync_register_model('g', 'good', 'tenant_id')").unwrap();
+        assert_eq!(error_of("SELECT sync_register_model('g', 'good', 'tenant_id')"), "42710: model g or table good is registered already");
+        Spi::run("SELECT sync_unregister_model('g')").unwrap();
+        Spi::run("INSERT INTO good VALUES (1, 'acme', 1)").unwrap();
+        assert_eq!(pull("acme", 0, 10)["changes"].as_array().unwrap().len(), 0, "unregistered: no longer captured");
+        assert_eq!(error_of("SELECT sync_unregister_model('g')"), "42704: no model g is registered");
+    }
+}
