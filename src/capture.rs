@@ -45,7 +45,7 @@ fn captured_rows(model: &Model, rows: Option<AnyArray>) -> SyncResult<Vec<Captur
     let Some(rows) = rows else { return Ok(Vec::new()) };
     let codec = Codec::for_type(rows.oid())?;
     // SAFETY: the datum is a non-null array of the table's row type.
-    let Value::Array(rows) = unsafe { codec.to_portable(rows.datum(), number_mode()) }? else { return Ok(Vec::new()) };
+    let Value::Array(rows) = unsafe { codec.encode(rows.datum(), number_mode()) }? else { return Ok(Vec::new()) };
     rows.into_iter()
         .filter_map(|row| match row {
             Value::Object(columns) => Some(columns),

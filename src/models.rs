@@ -19,6 +19,12 @@ use crate::errors::{SyncError, SyncResult};
 use crate::subtransaction::{in_subtransaction, StepError};
 use crate::types::{composite_fields, number_mode, Codec, Field};
 
+/// A row as portable JSON, keyed by column name.
+type Row = Map<String, Value>;
+
+/// The outcome of checking one change: its value as the table will hold it, or why it is refused.
+type Normalized = Result<Option<Row>, String>;
+
 /// Which tenant a model's rows belong to.
 #[derive(Clone, Debug)]
 enum TenantBinding {
@@ -241,10 +247,10 @@ impl Model {
 
     /// Decodes one portable column value and encodes it again: the value as the table will hold it.
     fn normalize_value(&self, field: &Field, value: &Value) -> Result<Value, String> {
-        let decoded = field.codec.from_portable(value, field.typmod).map_err(|error| refusal("invalid_value", format!("column \"{}\": {error}", field.name)))?;
+        let decoded = field.codec.decode(value, field.typmod).map_err(|error| refusal("invalid_value", format!("column \"{}\": {error}", field.name)))?;
         Ok(match decoded {
             // SAFETY: the datum was just built as a value of the column's type.
-            Some(datum) => unsafe { field.codec.to_portable(datum, number_mode()) }.map_err(|error| refusal("invalid_value", error))?,
+            Some(datum) => unsafe { field.codec.encode(datum, number_mode()) }.map_err(|error| refusal("invalid_value", error))?,
             None => Value::Null,
         })
     }
@@ -252,7 +258,7 @@ impl Model {
     /// Checks a pushed change against the table and returns its value as the table will hold it
     /// (the tenant column left out, an insert's key columns filled from its pk), or the reason it is refused.
     /// May raise a Postgres error (a value out of a column's range): run it in a subtransaction.
-    pub fn normalize(&self, change: &Change, tenant: &str) -> Result<Option<Map<String, Value>>, String> {
+    pub fn normalize(&self, change: &Change, tenant: &str) -> Normalized {
         if let TenantBinding::Fixed(owner) = &self.tenant {
             if owner != tenant {
                 return Err(refusal("wrong_tenant", format!("model {} belongs to another tenant", self.name)));
@@ -296,7 +302,7 @@ impl Model {
         let mut values = Vec::new();
         for (name, value) in &columns {
             let (_, field) = self.field(name).ok_or_else(|| refusal("invalid_value", format!("column \"{name}\" does not exist")))?;
-            let datum = field.codec.from_portable(value, field.typmod).map_err(|error| refusal("invalid_value", format!("column \"{name}\": {error}")))?;
+            let datum = field.codec.decode(value, field.typmod).map_err(|error| refusal("invalid_value", format!("column \"{name}\": {error}")))?;
             values.push((field.position, datum));
         }
         // SAFETY: builds a tuple of the table's row type from datums of each column's type.
@@ -340,7 +346,7 @@ impl Model {
             Some(column) => format!(" AND {alias}.{} = $2", quote_identifier(&column.name)),
             None => String::new(),
         };
-        let mut upserts: BTreeMap<Vec<String>, Vec<(&str, &Map<String, Value>)>> = BTreeMap::new();
+        let mut upserts: BTreeMap<Vec<String>, Vec<(&str, &Row)>> = BTreeMap::new();
         let mut deletes: Vec<&str> = Vec::new();
         for (pk, row) in rows {
             match row {
@@ -394,7 +400,7 @@ impl Model {
                     let field = &self.fields[index];
                     let value = match written.get_datum_by_ordinal(ordinal + 1).map_err(|error| refusal("invalid_value", error))? {
                         // SAFETY: RETURNING gives the key column, of the field's type.
-                        Some(datum) => unsafe { field.codec.to_portable(datum, number_mode()) }.map_err(|error| refusal("invalid_value", error))?,
+                        Some(datum) => unsafe { field.codec.encode(datum, number_mode()) }.map_err(|error| refusal("invalid_value", error))?,
                         None => Value::Null,
                     };
                     key.insert(field.name.clone(), value);
@@ -461,7 +467,7 @@ pub fn write_rows(client: &mut SpiClient<'_>, tenant: &str, models: &HashMap<Str
 /// Returns the refused changes (by index) with reasons. Values out of a column's range raise
 /// Postgres errors, so the batch is checked in one subtransaction, then change by change if that fails.
 pub fn normalize_changes(changes: &mut [Change], tenant: &str, models: &HashMap<String, Model>) -> HashMap<usize, String> {
-    let normalize_all = |changes: &[Change], indexes: &[usize]| -> Vec<(usize, Result<Option<Map<String, Value>>, String>)> {
+    let normalize_all = |changes: &[Change], indexes: &[usize]| -> Vec<(usize, Normalized)> {
         indexes.iter().map(|&index| (index, models[&changes[index].model].normalize(&changes[index], tenant))).collect()
     };
     let registered: Vec<usize> = (0..changes.len()).filter(|&index| models.contains_key(&changes[index].model)).collect();

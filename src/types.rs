@@ -130,7 +130,7 @@ impl Codec {
     ///
     /// # Safety
     /// `datum` must be a valid, non-null value of the type the codec was resolved for.
-    pub unsafe fn to_portable(&self, datum: pg_sys::Datum, mode: NumberMode) -> SyncResult<Value> {
+    pub unsafe fn encode(&self, datum: pg_sys::Datum, mode: NumberMode) -> SyncResult<Value> {
         unsafe {
             Ok(match self {
                 Codec::Bool => Value::from(datum.value() != 0),
@@ -155,8 +155,8 @@ impl Codec {
                 }
                 Codec::Exact(io) => portable::encode_exact_number(&io.output(datum), mode),
                 Codec::Text(io) | Codec::Enum(io) => Value::from(io.output(datum)),
-                Codec::Domain { base, .. } => base.to_portable(datum, mode)?,
-                Codec::Array(array) => array.to_portable(datum, mode)?,
+                Codec::Domain { base, .. } => base.encode(datum, mode)?,
+                Codec::Array(array) => array.encode(datum, mode)?,
                 Codec::Composite { fields, .. } => composite_to_portable(datum, fields.as_deref(), mode)?,
             })
         }
@@ -166,7 +166,7 @@ impl Codec {
     /// target's type modifier (-1 for none), enforced as a cast would (varchar length, numeric scale).
     /// Errors that Postgres raises while building the value (a numeric overflow, a domain check)
     /// propagate as Postgres errors.
-    pub fn from_portable(&self, value: &Value, typmod: i32) -> Result<Option<pg_sys::Datum>, CodecError> {
+    pub fn decode(&self, value: &Value, typmod: i32) -> Result<Option<pg_sys::Datum>, CodecError> {
         if value.is_null() {
             return Ok(None);
         }
@@ -211,12 +211,12 @@ impl Codec {
                 let mut base_typmod = -1;
                 // SAFETY: `oid` is a domain; its base type and typmod are catalog lookups.
                 unsafe { pg_sys::getBaseTypeAndTypmod(*oid, &mut base_typmod) };
-                let datum = base.from_portable(value, base_typmod)?.expect("non-null value decodes to a datum");
+                let datum = base.decode(value, base_typmod)?.expect("non-null value decodes to a datum");
                 // SAFETY: the datum is of the domain's base type; domain_check raises on a violation.
                 unsafe { pg_sys::domain_check(datum, false, *oid, std::ptr::null_mut(), std::ptr::null_mut()) };
                 datum
             }
-            Codec::Array(array) => array.from_portable(value)?,
+            Codec::Array(array) => array.decode(value)?,
             Codec::Composite { oid, fields } => {
                 let fields = fields.as_ref().ok_or_else(|| expect("a value of a named composite type"))?;
                 composite_from_portable(*oid, fields, value)?
@@ -248,7 +248,7 @@ impl TextIo {
 }
 
 impl ArrayCodec {
-    unsafe fn to_portable(&self, datum: pg_sys::Datum, mode: NumberMode) -> SyncResult<Value> {
+    unsafe fn encode(&self, datum: pg_sys::Datum, mode: NumberMode) -> SyncResult<Value> {
         unsafe {
             let array = pg_sys::pg_detoast_datum(datum.cast_mut_ptr()).cast::<pg_sys::ArrayType>();
             let dims = pgrx::array::RawArray::from_ptr(std::ptr::NonNull::new(array).expect("detoasted array")).dims().to_vec();
@@ -266,20 +266,20 @@ impl ArrayCodec {
             let count = usize::try_from(count).unwrap_or(0);
             let mut flat = Vec::with_capacity(count);
             for index in 0..count {
-                flat.push(if *nulls.add(index) { Value::Null } else { self.element.to_portable(*elements.add(index), mode)? });
+                flat.push(if *nulls.add(index) { Value::Null } else { self.element.encode(*elements.add(index), mode)? });
             }
             Ok(nest(&mut flat.into_iter(), &dims))
         }
     }
 
-    fn from_portable(&self, value: &Value) -> Result<pg_sys::Datum, CodecError> {
+    fn decode(&self, value: &Value) -> Result<pg_sys::Datum, CodecError> {
         let mut dims = Vec::new();
         let mut flat = Vec::new();
         flatten(value, 0, &mut dims, &mut flat).map_err(|expected| CodecError { expected, got: value.to_string() })?;
         let mut datums = Vec::with_capacity(flat.len());
         let mut nulls = Vec::with_capacity(flat.len());
         for element in flat {
-            let datum = self.element.from_portable(element, -1)?;
+            let datum = self.element.decode(element, -1)?;
             nulls.push(datum.is_none());
             datums.push(datum.unwrap_or(pg_sys::Datum::from(0)));
         }
@@ -409,7 +409,7 @@ unsafe fn composite_to_portable(datum: pg_sys::Datum, fields: Option<&[Field]>, 
         pg_sys::DecrTupleDescRefCount(descriptor);
         let mut object = Map::new();
         for (field, &position) in fields.iter().zip(&live) {
-            let value = if nulls[position] { Value::Null } else { field.codec.to_portable(values[position], mode)? };
+            let value = if nulls[position] { Value::Null } else { field.codec.encode(values[position], mode)? };
             object.insert(field.name.clone(), value);
         }
         Ok(Value::Object(object))
@@ -429,7 +429,7 @@ fn composite_from_portable(oid: pg_sys::Oid, fields: &[Field], value: &Value) ->
         let mut nulls = vec![true; natts];
         let live = (0..natts).filter(|&i| !(*descriptor).attrs.as_slice(natts)[i].attisdropped);
         for (field, position) in fields.iter().zip(live) {
-            let decoded = field.codec.from_portable(object.get(&field.name).unwrap_or(&Value::Null), field.typmod);
+            let decoded = field.codec.decode(object.get(&field.name).unwrap_or(&Value::Null), field.typmod);
             let decoded = match decoded {
                 Ok(decoded) => decoded,
                 Err(error) => {
@@ -463,7 +463,7 @@ fn sync_to_portable(value: Option<AnyElement>) -> Result<JsonB, pgrx::pg_sys::pa
     let Some(value) = value else { return Ok(JsonB(Value::Null)) };
     let codec = Codec::for_type(value.oid())?;
     // SAFETY: the datum is a non-null value of `value.oid()`.
-    Ok(JsonB(unsafe { codec.to_portable(value.datum(), number_mode()) }?))
+    Ok(JsonB(unsafe { codec.encode(value.datum(), number_mode()) }?))
 }
 
 /// A row as a portable JSON object keyed by column name.
@@ -487,7 +487,7 @@ fn sync_from_portable(
     let oid = unsafe { pg_sys::get_fn_expr_argtype((*fcinfo).flinfo, 1) };
     let codec = Codec::for_type(oid)?;
     let datum = codec
-        .from_portable(&portable.0, -1)
+        .decode(&portable.0, -1)
         .map_err(|error| SyncError::InvalidPortable { type_name: type_name(oid), problem: error.to_string() })?;
     // SAFETY: the datum was built as a value of `oid`.
     Ok(datum.and_then(|datum| unsafe { AnyElement::from_polymorphic_datum(datum, false, oid) }))
