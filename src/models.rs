@@ -17,7 +17,7 @@ use sync_ext_protocol::{validate_tenant, Change, Op, RowKey};
 
 use crate::errors::{SyncError, SyncResult};
 use crate::subtransaction::{in_subtransaction, StepError};
-use crate::types::{composite_fields, number_mode, Codec, Field};
+use crate::types::{composite_fields, form_record, number_mode, Codec, Field};
 
 /// A row as portable JSON, keyed by column name.
 type Row = Map<String, Value>;
@@ -305,23 +305,7 @@ impl Model {
             let datum = field.codec.decode(value, field.typmod).map_err(|error| refusal("invalid_value", format!("column \"{name}\": {error}")))?;
             values.push((field.position, datum));
         }
-        // SAFETY: builds a tuple of the table's row type from datums of each column's type.
-        unsafe {
-            let descriptor = pg_sys::lookup_rowtype_tupdesc(self.row_type, -1);
-            let natts = (*descriptor).natts as usize;
-            let mut datums = vec![pg_sys::Datum::from(0); natts];
-            let mut nulls = vec![true; natts];
-            for (position, datum) in values {
-                if let Some(datum) = datum {
-                    datums[position] = datum;
-                    nulls[position] = false;
-                }
-            }
-            let tuple = pg_sys::heap_form_tuple(descriptor, datums.as_mut_ptr(), nulls.as_mut_ptr());
-            let record = pg_sys::heap_copy_tuple_as_datum(tuple, descriptor);
-            pg_sys::DecrTupleDescRefCount(descriptor);
-            Ok(record)
-        }
+        Ok(form_record(self.row_type, values))
     }
 
     /// An array of records of the table's row type, as an SPI argument.

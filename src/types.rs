@@ -405,10 +405,10 @@ unsafe fn composite_to_portable(datum: pg_sys::Datum, fields: Option<&[Field]>, 
             ..Default::default()
         };
         pg_sys::heap_deform_tuple(&mut tuple, descriptor, values.as_mut_ptr(), nulls.as_mut_ptr());
-        let live: Vec<usize> = (0..natts).filter(|&i| !(*descriptor).attrs.as_slice(natts)[i].attisdropped).collect();
         pg_sys::DecrTupleDescRefCount(descriptor);
         let mut object = Map::new();
-        for (field, &position) in fields.iter().zip(&live) {
+        for field in fields {
+            let position = field.position;
             let value = if nulls[position] { Value::Null } else { field.codec.encode(values[position], mode)? };
             object.insert(field.name.clone(), value);
         }
@@ -421,31 +421,32 @@ fn composite_from_portable(oid: pg_sys::Oid, fields: &[Field], value: &Value) ->
     if let Some(unknown) = object.keys().find(|key| !fields.iter().any(|field| &field.name == *key)) {
         return Err(CodecError { expected: "only the composite type's attributes", got: format!("{unknown:?}") });
     }
+    let mut values = Vec::with_capacity(fields.len());
+    for field in fields {
+        values.push((field.position, field.codec.decode(object.get(&field.name).unwrap_or(&Value::Null), field.typmod)?));
+    }
+    Ok(form_record(oid, values))
+}
+
+/// A record of a composite type from (attribute position, datum or `None` for null) pairs;
+/// attributes not given are null.
+pub fn form_record(row_type: pg_sys::Oid, values: Vec<(usize, Option<pg_sys::Datum>)>) -> pg_sys::Datum {
     // SAFETY: builds a tuple of the type's descriptor from datums of each attribute's type.
     unsafe {
-        let descriptor = pg_sys::lookup_rowtype_tupdesc(oid, -1);
+        let descriptor = pg_sys::lookup_rowtype_tupdesc(row_type, -1);
         let natts = (*descriptor).natts as usize;
-        let mut values = vec![pg_sys::Datum::from(0); natts];
+        let mut datums = vec![pg_sys::Datum::from(0); natts];
         let mut nulls = vec![true; natts];
-        let live = (0..natts).filter(|&i| !(*descriptor).attrs.as_slice(natts)[i].attisdropped);
-        for (field, position) in fields.iter().zip(live) {
-            let decoded = field.codec.decode(object.get(&field.name).unwrap_or(&Value::Null), field.typmod);
-            let decoded = match decoded {
-                Ok(decoded) => decoded,
-                Err(error) => {
-                    pg_sys::DecrTupleDescRefCount(descriptor);
-                    return Err(error);
-                }
-            };
-            if let Some(datum) = decoded {
-                values[position] = datum;
+        for (position, datum) in values {
+            if let Some(datum) = datum {
+                datums[position] = datum;
                 nulls[position] = false;
             }
         }
-        let tuple = pg_sys::heap_form_tuple(descriptor, values.as_mut_ptr(), nulls.as_mut_ptr());
-        let datum = pg_sys::heap_copy_tuple_as_datum(tuple, descriptor);
+        let tuple = pg_sys::heap_form_tuple(descriptor, datums.as_mut_ptr(), nulls.as_mut_ptr());
+        let record = pg_sys::heap_copy_tuple_as_datum(tuple, descriptor);
         pg_sys::DecrTupleDescRefCount(descriptor);
-        Ok(datum)
+        record
     }
 }
 
