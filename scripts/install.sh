@@ -5,5 +5,7 @@ cd "$(dirname "$0")/.."
 PG_CONFIG=${PG_CONFIG:-/usr/lib/postgresql/15/bin/pg_config}
 sudo_flag=()
 [ "$(id -u)" -eq 0 ] || [ -w "$("$PG_CONFIG" --pkglibdir)" ] || sudo_flag=(--sudo)
-cargo pgrx install --pg-config "$PG_CONFIG" "${sudo_flag[@]}" "$@" >/dev/null
+log=$(mktemp)
+cargo pgrx install --pg-config "$PG_CONFIG" "${sudo_flag[@]}" "$@" >"$log" 2>&1 || { cat "$log" >&2; exit 1; }
+rm -f "$log"
 echo "[install] sync_ext installed into $("$PG_CONFIG" --sharedir)/extension" >&2

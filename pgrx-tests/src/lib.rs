@@ -1,1 +1,163 @@
-//! placeholder
+//! Throwaway Postgres clusters with sync_ext installed, and typed calls to its SQL functions.
+//!
+//! Each [`Cluster`] is initialized in a temporary directory on a free loopback port and removed when
+//! dropped, so tests are hermetic and run on any machine with Postgres 15 and the extension installed
+//! (`scripts/install.sh`). As root, the server runs as the `postgres` OS user (initdb refuses root).
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use postgres::{Client, NoTls};
+use serde_json::Value;
+use sync_ext_protocol::{Change, Hlc, Op, PullResponse, PushResponse};
+use tempfile::TempDir;
+use uuid::Uuid;
+
+/// A Postgres cluster of its own, stopped and deleted on drop.
+pub struct Cluster {
+    dir: TempDir,
+    port: u16,
+    bin: PathBuf,
+}
+
+fn running_as_root() -> bool {
+    Command::new("id").arg("-u").output().map(|out| out.stdout.starts_with(b"0\n")).unwrap_or(false)
+}
+
+/// The Postgres bin directory, from `$PG_CONFIG` or the Debian Postgres 15 default.
+fn pg_bin_dir() -> PathBuf {
+    let pg_config = std::env::var("PG_CONFIG").unwrap_or_else(|_| "/usr/lib/postgresql/15/bin/pg_config".into());
+    let out = Command::new(&pg_config).arg("--bindir").output().unwrap_or_else(|e| panic!("running {pg_config}: {e}"));
+    PathBuf::from(String::from_utf8(out.stdout).expect("utf-8 path").trim())
+}
+
+/// A command running a Postgres program, as the `postgres` OS user when we are root.
+fn pg_command(program: &Path) -> Command {
+    if running_as_root() {
+        let mut command = Command::new("runuser");
+        command.args(["-u", "postgres", "--"]).arg(program);
+        command
+    } else {
+        Command::new(program)
+    }
+}
+
+/// Runs a Postgres program and panics on failure.
+fn run_pg(bin: &Path, program: &str, args: &[&str]) {
+    let program = bin.join(program);
+    let mut command = pg_command(&program);
+    let out = command.args(args).output().unwrap_or_else(|e| panic!("running {}: {e}", program.display()));
+    assert!(out.status.success(), "{} {args:?} failed:\n{}", program.display(), String::from_utf8_lossy(&out.stderr));
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").and_then(|listener| listener.local_addr()).expect("a free loopback port").port()
+}
+
+impl Cluster {
+    /// Initializes and starts a cluster on a free loopback port.
+    pub fn start() -> Cluster {
+        let dir = tempfile::Builder::new().prefix("sync_ext-cluster-").tempdir().expect("a temporary directory");
+        if running_as_root() {
+            let status = Command::new("chown").arg("postgres").arg(dir.path()).status().expect("chown");
+            assert!(status.success(), "chown postgres {}", dir.path().display());
+        }
+        let bin = pg_bin_dir();
+        let data = dir.path().join("data");
+        run_pg(&bin, "initdb", &["-D", data.to_str().unwrap(), "-A", "trust", "-U", "postgres", "--no-sync", "-E", "UTF8"]);
+        let cluster = Cluster { port: free_port(), dir, bin };
+        cluster.pg_ctl(&["start", "-w", "-t", "60", "-l", cluster.log_path().to_str().unwrap()]);
+        cluster
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir.path().join("server.log")
+    }
+
+    fn pg_ctl(&self, action: &[&str]) {
+        let data = self.dir.path().join("data");
+        let options = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=50",
+            self.port,
+            self.dir.path().display()
+        );
+        let mut args = vec!["-D", data.to_str().unwrap(), "-o", &options];
+        args.extend_from_slice(action);
+        run_pg(&self.bin, "pg_ctl", &args);
+    }
+
+    /// Restarts the server (a fast shutdown, then start), keeping its data.
+    pub fn restart(&self) {
+        self.pg_ctl(&["restart", "-m", "fast", "-w", "-t", "60", "-l", self.log_path().to_str().unwrap()]);
+    }
+
+    /// A libpq-style connection string for database `db`.
+    pub fn connection_string(&self, db: &str) -> String {
+        format!("host=127.0.0.1 port={} user=postgres dbname={db}", self.port)
+    }
+
+    /// Connects to database `db`.
+    pub fn connect(&self, db: &str) -> Client {
+        Client::connect(&self.connection_string(db), NoTls).unwrap_or_else(|e| panic!("connecting to {db}: {e}"))
+    }
+
+    /// Creates database `name` with sync_ext installed and returns its connection string.
+    pub fn create_database(&self, name: &str) -> String {
+        self.connect("postgres").batch_execute(&format!("CREATE DATABASE \"{name}\"")).expect("CREATE DATABASE");
+        if let Err(error) = self.connect(name).batch_execute("CREATE EXTENSION sync_ext") {
+            panic!("CREATE EXTENSION sync_ext failed ({error}); install it first: scripts/install.sh");
+        }
+        self.connection_string(name)
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let data = self.dir.path().join("data");
+        let _ = pg_command(&self.bin.join("pg_ctl")).args(["-D", data.to_str().unwrap(), "stop", "-m", "immediate", "-w"]).output();
+    }
+}
+
+/// An HLC `ago_millis` before now, with the given counter.
+pub fn hlc_ago(ago_millis: i64, counter: u16) -> Hlc {
+    Hlc::new(sync_ext_protocol::hlc::wall_clock_millis() - ago_millis, counter).expect("a current HLC")
+}
+
+/// A change with a fresh op_id; `value` is ignored for a delete.
+pub fn change(op: Op, model: &str, pk: &str, hlc: Hlc, actor: &str, value: Value) -> Change {
+    Change {
+        op_id: Uuid::new_v4(),
+        model: model.into(),
+        pk: pk.into(),
+        op,
+        hlc,
+        actor: actor.into(),
+        value: if op == Op::Delete { None } else { Some(value.as_object().cloned().expect("a JSON object")) },
+    }
+}
+
+/// Calls `sync_push` with typed changes and returns the typed response.
+pub fn push(client: &mut Client, tenant: &str, changes: &[Change]) -> Result<PushResponse, postgres::Error> {
+    let body = serde_json::to_value(changes).expect("changes serialize");
+    let row = client.query_one("SELECT sync_push($1, $2)", &[&tenant, &body])?;
+    Ok(serde_json::from_value(row.get::<_, Value>(0)).expect("a push response"))
+}
+
+/// Calls `sync_pull` and returns the typed response.
+pub fn pull(client: &mut Client, tenant: &str, since: i64, max_changes: i32) -> Result<PullResponse, postgres::Error> {
+    let row = client.query_one("SELECT sync_pull($1, $2, $3)", &[&tenant, &since, &max_changes])?;
+    Ok(serde_json::from_value(row.get::<_, Value>(0)).expect("a pull response"))
+}
+
+/// Pulls every change after `since`, page by page.
+pub fn pull_all(client: &mut Client, tenant: &str, since: i64, page: i32) -> Result<PullResponse, postgres::Error> {
+    let mut all = PullResponse { changes: Vec::new(), cursor: since, has_more: true };
+    while all.has_more {
+        let next = pull(client, tenant, all.cursor, page)?;
+        all.changes.extend(next.changes);
+        all.cursor = next.cursor;
+        all.has_more = next.has_more;
+    }
+    Ok(all)
+}

@@ -54,3 +54,8 @@ pub fn change_set(rows: u32, max: usize) -> impl Strategy<Value = Vec<Change>> {
         changes
     })
 }
+
+/// A change set of up to 24 changes to 3 rows, and the same changes in a random order.
+pub fn shuffled_change_set() -> impl Strategy<Value = (Vec<Change>, Vec<Change>)> {
+    change_set(3, 24).prop_flat_map(|changes| (Just(changes.clone()), Just(changes).prop_shuffle()))
+}

@@ -3,7 +3,7 @@
 //! The extension loads the batch's known op_ids and row states in one read each, calls
 //! [`merge_batch`], then writes what it returns in one statement per table.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use serde_json::{Map, Value};
 use uuid::Uuid;
@@ -102,4 +102,13 @@ pub fn merge_batch(changes: &[Change], context: BatchContext) -> BatchOutcome {
     }
     outcome.last_seq = last_seq;
     outcome
+}
+
+/// Merges changes, in the order given, into rows that start unwritten.
+pub fn merge_all<'a>(changes: impl IntoIterator<Item = &'a Change>) -> BTreeMap<RowKey, RowState> {
+    let mut rows = BTreeMap::new();
+    for change in changes {
+        rows.entry((change.model.clone(), change.pk.clone())).or_insert_with(RowState::default).apply(change);
+    }
+    rows
 }

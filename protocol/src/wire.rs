@@ -4,7 +4,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use uuid::Uuid;
 
-use crate::change::Op;
+use crate::change::{Change, Op};
 use crate::hlc::Hlc;
 
 /// Reason of a change refused because its op_id was already used with a different payload.
@@ -62,6 +62,21 @@ pub struct PulledChange {
     /// The fields the change won (`None` for a delete).
     #[serde(default)]
     pub value: Option<Map<String, Value>>,
+}
+
+impl PulledChange {
+    /// The change as its receiver merges it (its value being what it won on the server).
+    pub fn to_change(&self) -> Change {
+        Change {
+            op_id: self.op_id,
+            model: self.model.clone(),
+            pk: self.pk.clone(),
+            op: self.op,
+            hlc: self.hlc,
+            actor: self.actor.clone(),
+            value: self.value.clone(),
+        }
+    }
 }
 
 /// What `sync_pull` returns.
