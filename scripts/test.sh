@@ -6,20 +6,27 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 PG_CONFIG=${PG_CONFIG:-/usr/lib/postgresql/15/bin/pg_config}
 
+# Every runner's output also goes to a log, so the run can end with one total.
+results=$(mktemp)
+cleanup() { rm -f "$results"; [ -z "${pgtest_dir:-}" ] || rm -rf "$pgtest_dir"; }
+trap cleanup EXIT
+counted() { "$@" 2>&1 | tee -a "$results"; }
+
 echo "== protocol: unit and property tests"
-cargo test -p sync_ext_protocol
+counted cargo test -p sync_ext_protocol
 
 echo "== extension: in-database tests"
 if [ "$(id -u)" -eq 0 ]; then
   # initdb refuses root: the test cluster runs as postgres, in a directory postgres owns.
   pgtest_dir=$(mktemp -d)
-  trap 'rm -rf "$pgtest_dir"' EXIT
   chown postgres "$pgtest_dir"
-  cargo pgrx test pg15 --runas postgres --pgdata "$pgtest_dir/data"
+  counted cargo pgrx test pg15 --runas postgres --pgdata "$pgtest_dir/data"
 else
-  cargo pgrx test pg15
+  counted cargo pgrx test pg15
 fi
 
 echo "== end-to-end tests"
 bash scripts/install.sh
-cargo test -p sync_ext_pgrx_tests
+counted cargo test -p sync_ext_pgrx_tests
+
+awk '/^test result:/ { passed += $4; failed += $6 } END { printf "all suites: %d passed, %d failed\n", passed, failed }' "$results"
