@@ -5,7 +5,9 @@
 //! ever moves to a greater stamp, merging is commutative, associative and idempotent: replicas that
 //! saw the same changes, in any order and any number of times, hold the same state.
 //!
-//! - inserts and updates write each field they carry wherever their stamp beats that field's stamp;
+//! - inserts and updates write each field they carry wherever their stamp beats that field's stamp
+//!   (the same change delivered again replaces the field's value: the server may hand back the
+//!   value in the form its table stores, e.g. `"3.50"` for `"3.5"`);
 //! - deletes and the other ops compete for the existence register by stamp; on equal hlc a delete
 //!   wins, then actor and op_id order;
 //! - a delete also hides every field written at or before its hlc, so a row brought back to life
@@ -14,6 +16,7 @@
 use std::cmp::Ordering;
 use std::collections::BTreeMap;
 
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use uuid::Uuid;
 
@@ -21,7 +24,7 @@ use crate::change::{Change, Op};
 use crate::hlc::Hlc;
 
 /// The order of two changes: hlc, then actor (byte-wise), then op_id (byte-wise).
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Stamp {
     pub hlc: Hlc,
     pub actor: String,
@@ -120,7 +123,9 @@ impl RowState {
                     return won;
                 }
                 for (name, field_value) in value {
-                    let beats = self.fields.get(name).is_none_or(|field| stamp > field.stamp);
+                    let beats = self.fields.get(name).is_none_or(|field| {
+                        stamp > field.stamp || (stamp == field.stamp && *field_value != field.value)
+                    });
                     if beats {
                         self.fields.insert(
                             name.clone(),
@@ -225,6 +230,17 @@ mod tests {
         let before = row.clone();
         assert!(!row.apply(&older).anything());
         assert_eq!(row, before);
+    }
+
+    #[test]
+    fn the_same_change_delivered_again_brings_the_servers_form_of_its_values() {
+        let written = change(Op::Insert, "000", "a", 1, Some(json!({"price": "3.5"})));
+        let mut normalized = written.clone();
+        normalized.value = Some(json!({"price": "3.50"}).as_object().unwrap().clone());
+        let mut row = merged(&[written]);
+        assert!(row.apply(&normalized).anything());
+        assert_eq!(row.visible().unwrap()["price"], "3.50");
+        assert!(!row.apply(&normalized).anything(), "identical redelivery changes nothing");
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! The flat form in which the server (`sync_ext.snapshots`) and clients store a row's merge state.
 
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use uuid::Uuid;
 
@@ -8,7 +9,7 @@ use crate::merge::{Existence, FieldRegister, RowState, Stamp};
 
 /// A row's merge state, flattened: the visible fields, the existence register, the delete horizon,
 /// and the stamps of the fields whose winner is not the existence winner (usually none).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StoredRow {
     /// Live fields (empty for a deleted row).
     pub value: Map<String, Value>,

@@ -1,162 +1,139 @@
-//! The sync_ext walk-through: a throwaway cluster, two devices, pushes, pulls, conflicts and a
-//! server-side write, printed step by step. Every outcome is checked, so a wrong one stops the demo.
+//! The sync_ext demo: a throwaway Postgres with sync_ext, a typed table, and two devices with their
+//! own SQLite files that edit offline (a conflict included), while server code writes with plain SQL.
+//! They sync through Postgres and end identical. Every outcome is checked, so a wrong one stops it.
 
-use postgres::Client;
-use serde_json::{json, Value};
-use sync_ext_pgrx_tests::{change, hlc_ago, pull, push, Cluster};
-use sync_ext_protocol::{Change, Op, PushResponse, Status};
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use rust_decimal::Decimal;
+use serde::{Deserialize, Serialize};
+use sync_ext_client::portable;
+use sync_ext_client::{LocalStore, PgRemote, SyncClient, SyncReport};
+use sync_ext_pgrx_tests::Cluster;
+
+/// A row of the `groceries` table as the app sees it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+struct Grocery {
+    item: String,
+    #[serde(with = "portable::decimal::option", default)]
+    price: Option<Decimal>,
+    #[serde(default)]
+    bought: bool,
+    #[serde(with = "portable::timestamp::option", default)]
+    bought_at: Option<DateTime<Utc>>,
+    #[serde(default)]
+    tags: Vec<String>,
+}
+
+type Device = SyncClient<PgRemote>;
 
 fn step(title: &str) {
     println!("\n== {title}");
 }
 
-fn show_push(device: &str, changes: &[Change], response: &PushResponse) {
-    for (change, result) in changes.iter().zip(&response.results) {
-        let what = match &change.value {
-            Some(value) => format!("{} {} {}", change.op.as_str(), change.pk, Value::Object(value.clone())),
-            None => format!("{} {}", change.op.as_str(), change.pk),
-        };
-        let outcome = match &result.status {
-            Status::Applied { seq } => format!("applied at seq {seq}"),
-            Status::Duplicate { seq } => format!("duplicate of seq {seq}: nothing changed"),
-            Status::Superseded => "superseded: a newer write already holds it".to_owned(),
-            Status::Rejected { reason } => format!("rejected ({reason})"),
-        };
-        println!("  {device} pushes {what} @ {} -> {outcome}", change.hlc);
+fn show(name: &str, device: &Device) -> BTreeMap<String, Grocery> {
+    let rows: BTreeMap<String, Grocery> = device.list("grocery").expect("local rows").into_iter().collect();
+    println!("  {name} sees {} rows ({} unsent changes):", rows.len(), device.pending().unwrap());
+    for (pk, row) in &rows {
+        let price = row.price.map_or("-".to_owned(), |p| p.to_string());
+        let bought = row.bought_at.map_or(String::new(), |at| format!(" at {}", at.to_rfc3339()));
+        println!("    {pk}: {:<12} price {price:<6} bought {}{bought} tags {:?}", row.item, row.bought, row.tags);
     }
-    println!("  tenant cursor is now {}", response.cursor);
+    rows
 }
 
-fn show_row(client: &mut Client, pk: &str) -> Value {
-    let row = client
-        .query_opt("SELECT value, deleted FROM sync_ext.snapshots WHERE tenant_id = 'acme' AND model = 'todo' AND id = $1", &[&pk])
-        .expect("snapshot query")
-        .expect("the row is known");
-    let (value, deleted): (Value, bool) = (row.get(0), row.get(1));
-    println!("  server row {pk}: {}", if deleted { "deleted".to_owned() } else { value.to_string() });
-    value
+fn report(name: &str, report: &SyncReport) {
+    println!("  {name} synced: pushed {}, pulled {}, cursor {}", report.pushed, report.pulled, report.cursor);
+    for rejected in &report.rejected {
+        println!("  {name}: the server rejected {} {}: {}", rejected.change.op.as_str(), rejected.change.pk, rejected.reason);
+    }
 }
 
-fn statuses(response: &PushResponse) -> Vec<&Status> {
-    response.results.iter().map(|result| &result.status).collect()
+fn sql(cluster: &Cluster, statement: &str) {
+    println!("  server code runs: {statement}");
+    let cluster_statement = statement.to_owned();
+    std::thread::scope(|scope| scope.spawn(|| cluster.connect("demo").batch_execute(&cluster_statement).expect("SQL runs")).join().unwrap());
 }
 
-fn main() {
+#[tokio::main]
+async fn main() {
     println!("Starting a throwaway Postgres cluster with sync_ext...");
-    let cluster = Cluster::start();
-    cluster.create_database("demo");
-    let mut phone = cluster.connect("demo");
-    let mut laptop = cluster.connect("demo");
-    // Stamps from an hour ago onwards, `seconds` apart: devices that were offline push them late.
-    let at = |seconds: i64| hlc_ago(3_600_000 - seconds * 1_000, 0);
+    let cluster = std::thread::spawn(|| {
+        let cluster = Cluster::start();
+        cluster.create_database("demo");
+        cluster
+    })
+    .join()
+    .unwrap();
+    let url = cluster.connection_string("demo");
+    sql(
+        &cluster,
+        "CREATE TABLE groceries (id text PRIMARY KEY, household text NOT NULL, item text NOT NULL,
+                                 price numeric(6,2) CHECK (price >= 0), bought boolean NOT NULL DEFAULT false,
+                                 bought_at timestamptz, tags text[] NOT NULL DEFAULT '{}');
+         SELECT sync_register_model('grocery', 'groceries', tenant_column => 'household')",
+    );
 
-    step("The phone creates a todo while online");
-    let create = vec![change(Op::Insert, "todo", "42", at(0), "phone", json!({"title": "buy milk", "done": false}))];
-    let response = push(&mut phone, "acme", &create).unwrap();
-    show_push("phone", &create, &response);
-    assert_eq!(statuses(&response), [&Status::Applied { seq: 1 }]);
+    let files = tempfile::tempdir().expect("a directory for the devices' databases");
+    let device = |name: &str| -> Device {
+        let store = LocalStore::sqlite(files.path().join(format!("{name}.db"))).expect("a SQLite store");
+        SyncClient::builder().tenant("smiths").actor(name).local(store).remote(PgRemote::new(&url)).build().expect("a client")
+    };
+    let phone = device("phone");
+    let laptop = device("laptop");
+    println!("  phone and laptop each keep a SQLite file in {}", files.path().display());
 
-    step("The laptop pulls from cursor 0");
-    let page = pull(&mut laptop, "acme", 0, 100).unwrap();
-    for pulled in &page.changes {
-        println!("  seq {}: {} {} by {} -> {}", pulled.seq, pulled.op.as_str(), pulled.pk, pulled.actor, Value::Object(pulled.value.clone().unwrap_or_default()));
-    }
-    println!("  cursor {}, has_more {}", page.cursor, page.has_more);
-    assert_eq!((page.changes.len(), page.cursor), (1, 1));
+    step("The phone, offline, adds two items; then it syncs and the laptop pulls them");
+    let milk = Grocery { item: "milk".into(), price: Some("1.5".parse().unwrap()), bought: false, bought_at: None, tags: vec!["dairy".into()] };
+    let eggs = Grocery { item: "eggs".into(), price: None, bought: false, bought_at: None, tags: vec![] };
+    phone.insert("grocery", "g1", &milk).unwrap();
+    phone.insert("grocery", "g2", &eggs).unwrap();
+    show("phone", &phone);
+    report("phone", &phone.sync().await.unwrap());
+    report("laptop", &laptop.sync().await.unwrap());
+    let seen = show("laptop", &laptop);
+    assert_eq!(seen["g1"].price.unwrap().to_string(), "1.50", "the table's numeric(6,2) form comes back");
 
-    step("Both edit the todo offline: the phone renames it, the laptop ticks it done");
-    let rename = vec![change(Op::Update, "todo", "42", at(10), "phone", json!({"title": "buy oat milk"}))];
-    let tick = vec![change(Op::Update, "todo", "42", at(20), "laptop", json!({"done": true}))];
-    let laptop_response = push(&mut laptop, "acme", &tick).unwrap();
-    show_push("laptop", &tick, &laptop_response);
-    let phone_response = push(&mut phone, "acme", &rename).unwrap();
-    show_push("phone", &rename, &phone_response);
-    println!("  different fields: both edits are kept, whatever order they arrive in");
-    assert_eq!(show_row(&mut phone, "42"), json!({"title": "buy oat milk", "done": true}));
+    step("Both go offline and edit; server code writes too");
+    phone.update("grocery", "g1", &serde_json::json!({"item": "oat milk", "tags": ["dairy-free"]})).unwrap();
+    println!("  phone: renames g1 to \"oat milk\", retags it");
+    laptop.update("grocery", "g1", &serde_json::json!({"bought": true})).unwrap();
+    println!("  laptop: ticks g1 bought (another field: both edits will be kept)");
+    laptop.update("grocery", "g1", &serde_json::json!({"item": "almond milk"})).unwrap();
+    println!("  laptop: renames g1 to \"almond milk\", later than the phone did (a conflict: the later write wins)");
+    laptop.delete("grocery", "g2").unwrap();
+    println!("  laptop: deletes g2");
+    sql(&cluster, "UPDATE groceries SET bought_at = '2026-11-24 10:00:00.123456+00' WHERE id = 'g1'");
+    sql(&cluster, "INSERT INTO groceries (id, household, item, price) VALUES ('g3', 'smiths', 'bread', 2.2)");
+    phone.update("grocery", "g3", &serde_json::json!({"price": "-1"})).unwrap();
+    println!("  phone: sets a price of -1 on g3, which the table's CHECK will refuse");
 
-    step("A real conflict: both rename the todo offline; the later HLC wins on every replica");
-    let laptop_title = vec![change(Op::Update, "todo", "42", at(40), "laptop", json!({"title": "buy almond milk"}))];
-    let phone_title = vec![change(Op::Update, "todo", "42", at(30), "phone", json!({"title": "buy soy milk"}))];
-    let response = push(&mut laptop, "acme", &laptop_title).unwrap();
-    show_push("laptop", &laptop_title, &response);
-    let response = push(&mut phone, "acme", &phone_title).unwrap();
-    show_push("phone", &phone_title, &response);
-    assert_eq!(statuses(&response), [&Status::Superseded]);
-    println!("  winner: the laptop's title (its HLC {} is later than the phone's {})", laptop_title[0].hlc, phone_title[0].hlc);
-    assert_eq!(show_row(&mut phone, "42")["title"], "buy almond milk");
+    step("Back online: phone, laptop, phone sync");
+    report("phone", &phone.sync().await.unwrap());
+    report("laptop", &laptop.sync().await.unwrap());
+    report("phone", &phone.sync().await.unwrap());
 
-    step("The phone lost its connection mid-push and sends the same batch again");
-    let response = push(&mut phone, "acme", &rename).unwrap();
-    show_push("phone", &rename, &response);
-    assert_eq!(statuses(&response), [&Status::Duplicate { seq: 3 }]);
-
-    step("A buggy client reuses an op_id for a different change");
-    let mut reused = rename.clone();
-    reused[0].value = Some(json!({"title": "something else"}).as_object().unwrap().clone());
-    let response = push(&mut phone, "acme", &reused).unwrap();
-    show_push("phone", &reused, &response);
-    assert!(matches!(statuses(&response)[..], [Status::Rejected { reason }] if reason == "op_id_conflict"));
-
-    step("A device whose clock is a day ahead cannot win every conflict forever");
-    let skewed = vec![change(Op::Update, "todo", "42", hlc_ago(-86_400_000, 0), "broken-clock", json!({"title": "mine forever"}))];
-    let response = push(&mut laptop, "acme", &skewed).unwrap();
-    show_push("broken-clock", &skewed, &response);
-    assert!(matches!(statuses(&response)[..], [Status::Rejected { reason }] if reason == "clock_skew"));
-
-    step("The laptop deletes the todo; the phone pulls the delete");
-    let delete = vec![change(Op::Delete, "todo", "42", at(50), "laptop", Value::Null)];
-    let response = push(&mut laptop, "acme", &delete).unwrap();
-    show_push("laptop", &delete, &response);
-    let page = pull(&mut phone, "acme", 4, 100).unwrap();
-    for pulled in &page.changes {
-        println!("  phone pulls seq {}: {} {}", pulled.seq, pulled.op.as_str(), pulled.pk);
-    }
-    assert_eq!(page.changes.last().map(|c| c.op), Some(Op::Delete));
-    show_row(&mut phone, "42");
-
-    step("Malformed input is an error that names the field, and changes nothing");
-    let error = phone
-        .query_one("SELECT sync_push('acme', '[{\"op_id\": \"not-a-uuid\"}]')", &[])
-        .expect_err("a malformed push is refused");
-    let db_error = error.as_db_error().expect("a database error");
-    println!("  ERROR {}: {}", db_error.code().code(), db_error.message());
-    assert_eq!(db_error.code().code(), "22P02");
-
-    step("A typed table: register it, push into it, and write to it with plain SQL");
-    phone
-        .batch_execute(
-            "CREATE TABLE groceries (id uuid PRIMARY KEY, tenant_id text NOT NULL, item text NOT NULL,
-                                     price numeric(6,2), bought_at timestamptz, tags text[]);
-             SELECT sync_register_model('grocery', 'groceries', tenant_column => 'tenant_id');",
-        )
-        .unwrap();
-    let id = "7f1e8c3a-5b7d-4e2a-9c1f-2b3d4e5f6a7b";
-    let add = vec![change(Op::Insert, "grocery", id, at(60), "phone", json!({"item": "milk", "price": "1.5", "tags": ["dairy"]}))];
-    let response = push(&mut phone, "acme", &add).unwrap();
-    show_push("phone", &add, &response);
-    let typed: String = phone.query_one("SELECT format('price %s (%s), tags %s (%s)', price, pg_typeof(price), tags, pg_typeof(tags)) FROM groceries", &[]).unwrap().get(0);
-    println!("  the table holds a typed row: {typed}");
-    phone.batch_execute("UPDATE groceries SET bought_at = '2026-11-24 10:00:00.123456+00' WHERE item = 'milk'").unwrap();
-    println!("  server code runs: UPDATE groceries SET bought_at = '2026-11-24 10:00:00.123456+00'");
-    let page = pull(&mut laptop, "acme", response.cursor, 100).unwrap();
-    let captured = page.changes.first().expect("the SQL write is pulled");
-    println!("  the laptop pulls seq {}: {} by {} -> {}", captured.seq, captured.op.as_str(), captured.actor, Value::Object(captured.value.clone().unwrap_or_default()));
-    assert_eq!((captured.actor.as_str(), &captured.value.clone().unwrap_or_default()["bought_at"]), ("server", &json!("2026-11-24T10:00:00.123456Z")));
-    let bad = vec![change(Op::Update, "grocery", id, at(70), "phone", json!({"price": "cheap"}))];
-    let response = push(&mut phone, "acme", &bad).unwrap();
-    show_push("phone", &bad, &response);
-    assert!(matches!(statuses(&response)[..], [Status::Rejected { reason }] if reason.contains("\"price\"")));
-
-    step("Another tenant sees none of it");
-    let other = pull(&mut laptop, "globex", 0, 100).unwrap();
-    println!("  globex pulls {} changes", other.changes.len());
-    assert!(other.changes.is_empty());
-
-    step("The log, as every client of acme receives it");
-    for row in phone.query("SELECT seq, op, pk, actor, hlc, coalesce(payload::text, '') FROM sync_ext.op_log WHERE tenant_id = 'acme' ORDER BY seq", &[]).unwrap() {
-        let (seq, op, pk, actor, hlc, payload): (i64, String, String, String, String, String) =
-            (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4), row.get(5));
-        println!("  {seq:>2} {op:<6} {pk} by {actor:<6} @ {hlc} {payload}");
-    }
-    println!("\nDone: every step behaved as described.");
+    step("Final rows");
+    let on_phone = show("phone", &phone);
+    let on_laptop = show("laptop", &laptop);
+    let on_server: String = std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                cluster
+                    .connect("demo")
+                    .query_one("SELECT string_agg(format('%s: %s price %s bought %s at %s tags %s', id, item, price, bought, bought_at, tags), E'\\n    ' ORDER BY id) FROM groceries", &[])
+                    .unwrap()
+                    .get(0)
+            })
+            .join()
+            .unwrap()
+    });
+    println!("  the server's groceries table:\n    {on_server}");
+    assert_eq!(on_phone, on_laptop, "the replicas are identical");
+    let g1 = &on_phone["g1"];
+    assert_eq!((g1.item.as_str(), g1.bought, g1.tags.clone()), ("almond milk", true, vec!["dairy-free".to_owned()]));
+    assert!(g1.bought_at.is_some(), "the server-side SQL write reached both devices");
+    assert!(!on_phone.contains_key("g2"), "the delete reached both devices");
+    assert_eq!(on_phone["g3"].price.unwrap().to_string(), "2.20", "the rejected price was rolled back to the server's");
+    println!("\nDone: both devices and the server hold the same rows.");
 }

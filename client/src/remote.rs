@@ -1,0 +1,105 @@
+//! The server side of sync, seen from the client: `sync_push` and `sync_pull` over some connection.
+
+use std::future::Future;
+
+use serde_json::Value;
+use sync_ext_protocol::{Change, PullResponse, PushResponse};
+use tokio::sync::{mpsc, Mutex};
+use tokio_postgres::AsyncMessage;
+
+use crate::error::{Error, Result};
+
+/// A connection to a database with sync_ext. Implement it for another driver or a pool; the client
+/// needs only these two calls.
+pub trait Remote: Send + Sync {
+    /// Calls `sync_push(tenant, changes)`.
+    fn push(&self, tenant: &str, changes: &[Change]) -> impl Future<Output = Result<PushResponse>> + Send;
+    /// Calls `sync_pull(tenant, since, max_changes)`.
+    fn pull(&self, tenant: &str, since: i64, max_changes: i32) -> impl Future<Output = Result<PullResponse>> + Send;
+}
+
+/// A [`Remote`] over tokio-postgres. It connects on first use and reconnects after the connection
+/// drops, so a client can be built while offline.
+pub struct PgRemote {
+    url: String,
+    client: Mutex<Option<tokio_postgres::Client>>,
+}
+
+fn remote_error(error: tokio_postgres::Error) -> Error {
+    match error.as_db_error() {
+        Some(db) => Error::Remote(format!("{} ({})", db.message(), db.code().code())),
+        None => Error::Remote(error.to_string()),
+    }
+}
+
+impl PgRemote {
+    /// A remote for a libpq-style connection string or URL (`postgres://user@host/db`).
+    pub fn new(url: impl Into<String>) -> Self {
+        PgRemote { url: url.into(), client: Mutex::new(None) }
+    }
+
+    /// The connection string this remote connects with.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    async fn call(&self, sql: &str, params: &[&(dyn tokio_postgres::types::ToSql + Sync)]) -> Result<Value> {
+        let mut guard = self.client.lock().await;
+        if guard.as_ref().is_none_or(tokio_postgres::Client::is_closed) {
+            *guard = Some(connect(&self.url).await?.0);
+        }
+        let client = guard.as_ref().expect("connected above");
+        match client.query_one(sql, params).await {
+            Ok(row) => Ok(row.get(0)),
+            Err(error) => {
+                if client.is_closed() {
+                    *guard = None;
+                }
+                Err(remote_error(error))
+            }
+        }
+    }
+}
+
+/// Opens a tokio-postgres connection and drives it on the current runtime. The payloads of the
+/// notifications it receives are forwarded to the returned channel (dropping it is fine).
+pub(crate) async fn connect(url: &str) -> Result<(tokio_postgres::Client, mpsc::UnboundedReceiver<String>)> {
+    #[cfg(feature = "rustls")]
+    let (client, mut connection) = {
+        let roots = rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
+        let config = rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();
+        tokio_postgres::connect(url, tokio_postgres_rustls::MakeRustlsConnect::new(config)).await.map_err(remote_error)?
+    };
+    #[cfg(not(feature = "rustls"))]
+    let (client, mut connection) = tokio_postgres::connect(url, tokio_postgres::NoTls).await.map_err(remote_error)?;
+    let (sender, receiver) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        loop {
+            match std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+                Some(Ok(AsyncMessage::Notification(notification))) => {
+                    let _ = sender.send(notification.payload().to_owned());
+                }
+                Some(Ok(_)) => {}
+                Some(Err(error)) => {
+                    tracing::debug!(%error, "sync_ext connection closed");
+                    break;
+                }
+                None => break,
+            }
+        }
+    });
+    Ok((client, receiver))
+}
+
+impl Remote for PgRemote {
+    async fn push(&self, tenant: &str, changes: &[Change]) -> Result<PushResponse> {
+        let body = serde_json::to_value(changes).expect("changes serialize");
+        let response = self.call("SELECT sync_push($1, $2)", &[&tenant, &body]).await?;
+        serde_json::from_value(response).map_err(|error| Error::Remote(format!("unexpected push response: {error}")))
+    }
+
+    async fn pull(&self, tenant: &str, since: i64, max_changes: i32) -> Result<PullResponse> {
+        let response = self.call("SELECT sync_pull($1, $2, $3)", &[&tenant, &since, &max_changes]).await?;
+        serde_json::from_value(response).map_err(|error| Error::Remote(format!("unexpected pull response: {error}")))
+    }
+}

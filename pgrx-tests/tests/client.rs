@@ -1,0 +1,262 @@
+//! The client crate against a real Postgres with sync_ext: convergence, interrupted syncs,
+//! rejections, offline writes, live wake-ups, and random interleavings of three replicas.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use proptest::prelude::*;
+use proptest::test_runner::{Config, TestRunner};
+use serde_json::{json, Map, Value};
+use sync_ext_client::protocol::{Change, Op, PullResponse, PushResponse};
+use sync_ext_client::{Error, LiveOptions, LocalStore, PgRemote, Remote, SyncClient};
+use sync_ext_pgrx_tests::Cluster;
+
+type Row = Map<String, Value>;
+
+/// Runs blocking database code (the sync `postgres` crate) on a plain thread, off the async runtime.
+fn off_runtime<T: Send>(work: impl FnOnce() -> T + Send) -> T {
+    std::thread::scope(|scope| scope.spawn(work).join().expect("blocking work finishes"))
+}
+
+/// A cluster with a `sync` database, and its connection string.
+fn start() -> (Cluster, String) {
+    off_runtime(|| {
+        let cluster = Cluster::start();
+        let url = cluster.create_database("sync");
+        (cluster, url)
+    })
+}
+
+fn client<R: Remote>(tenant: &str, actor: &str, store: LocalStore, remote: R) -> SyncClient<R> {
+    SyncClient::builder().tenant(tenant).actor(actor).local(store).remote(remote).build().expect("client builds")
+}
+
+fn rows(client: &SyncClient<impl Remote>, model: &str) -> BTreeMap<String, Row> {
+    client.list::<Row>(model).expect("local rows").into_iter().collect()
+}
+
+/// The server's live rows of a model, from its snapshots.
+fn server_rows(cluster: &Cluster, tenant: &str, model: &str) -> BTreeMap<String, Row> {
+    off_runtime(|| {
+        cluster
+            .connect("sync")
+            .query("SELECT id, value FROM sync_ext.snapshots WHERE tenant_id = $1 AND model = $2 AND NOT deleted", &[&tenant, &model])
+            .unwrap()
+            .iter()
+            .map(|row| (row.get::<_, String>(0), row.get::<_, Value>(1).as_object().cloned().unwrap()))
+            .collect()
+    })
+}
+
+/// Runs SQL statements on the `sync` database.
+fn execute(cluster: &Cluster, sql: &str) {
+    off_runtime(|| cluster.connect("sync").batch_execute(sql).expect("statements run"));
+}
+
+/// A single bigint from a query on the `sync` database.
+fn count(cluster: &Cluster, sql: &str) -> i64 {
+    off_runtime(|| cluster.connect("sync").query_one(sql, &[]).expect("query runs").get(0))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_clients_converge_after_concurrent_offline_edits() {
+    let (cluster, url) = start();
+    let dir = tempfile::tempdir().unwrap();
+    let phone = client("acme", "phone", LocalStore::sqlite(dir.path().join("phone.db")).unwrap(), PgRemote::new(&url));
+    let laptop = client("acme", "laptop", LocalStore::memory(), PgRemote::new(&url));
+
+    phone.insert("todo", "1", &json!({"title": "milk", "done": false, "note": ""})).unwrap();
+    phone.sync().await.unwrap();
+    laptop.sync().await.unwrap();
+    assert_eq!(rows(&laptop, "todo")["1"]["title"], "milk");
+
+    // Offline on both: different fields of row 1, the same field of row 1, a new row, a delete.
+    phone.update("todo", "1", &json!({"title": "oat milk", "note": "from the phone"})).unwrap();
+    laptop.insert("todo", "2", &json!({"title": "eggs"})).unwrap();
+    laptop.update("todo", "1", &json!({"done": true, "note": "from the laptop"})).unwrap();
+    phone.delete("todo", "2").unwrap();
+    assert_eq!(rows(&phone, "todo")["1"]["done"], false, "local reads see local writes only");
+
+    phone.sync().await.unwrap();
+    laptop.sync().await.unwrap();
+    phone.sync().await.unwrap();
+    let expected = server_rows(&cluster, "acme", "todo");
+    assert_eq!(rows(&phone, "todo"), expected);
+    assert_eq!(rows(&laptop, "todo"), expected);
+    assert_eq!(
+        Value::Object(expected["1"].clone()),
+        json!({"title": "oat milk", "done": true, "note": "from the laptop"}),
+        "both offline edits kept; the later write of `note` wins"
+    );
+    assert!(!expected.contains_key("2"), "the phone's delete came after the laptop's insert, so it wins everywhere");
+}
+
+/// A remote whose next push reaches the server but whose answer is lost, as when the connection
+/// drops between the commit and the acknowledgement.
+struct LosesNextAck {
+    inner: PgRemote,
+    lose: AtomicBool,
+}
+
+impl Remote for LosesNextAck {
+    async fn push(&self, tenant: &str, changes: &[Change]) -> sync_ext_client::Result<PushResponse> {
+        let response = self.inner.push(tenant, changes).await?;
+        if self.lose.swap(false, Ordering::SeqCst) {
+            return Err(Error::Remote("connection reset before the acknowledgement".into()));
+        }
+        Ok(response)
+    }
+
+    async fn pull(&self, tenant: &str, since: i64, max_changes: i32) -> sync_ext_client::Result<PullResponse> {
+        self.inner.pull(tenant, since, max_changes).await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sync_interrupted_between_push_and_ack_loses_and_doubles_nothing() {
+    let (cluster, url) = start();
+    let remote = LosesNextAck { inner: PgRemote::new(&url), lose: AtomicBool::new(true) };
+    let phone = client("acme", "phone", LocalStore::memory(), remote);
+    for n in 0..5 {
+        phone.insert("todo", &n.to_string(), &json!({"n": n})).unwrap();
+    }
+    assert!(matches!(phone.sync().await, Err(Error::Remote(_))));
+    assert_eq!(phone.pending().unwrap(), 5, "unacknowledged changes stay in the outbox");
+    let report = phone.sync().await.unwrap();
+    assert_eq!((report.pushed, report.rejected.len(), phone.pending().unwrap()), (5, 0, 0));
+    let logged = count(&cluster, "SELECT count(DISTINCT op_id) FROM sync_ext.op_log");
+    let total = count(&cluster, "SELECT count(*) FROM sync_ext.op_log");
+    assert_eq!((logged, total), (5, 5), "each change logged exactly once");
+    assert_eq!(rows(&phone, "todo"), server_rows(&cluster, "acme", "todo"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rejected_change_is_surfaced_and_its_row_restored() {
+    let (cluster, url) = start();
+    execute(
+        &cluster,
+        "CREATE TABLE todos (id int PRIMARY KEY, tenant_id text NOT NULL, title text NOT NULL, priority numeric(4,2));
+         SELECT sync_register_model('todo', 'todos', tenant_column => 'tenant_id');",
+    );
+    let seen = Arc::new(AtomicUsize::new(0));
+    let counter = seen.clone();
+    let phone = SyncClient::builder()
+        .tenant("acme")
+        .actor("phone")
+        .local(LocalStore::memory())
+        .remote(PgRemote::new(&url))
+        .on_rejected(move |_| {
+            counter.fetch_add(1, Ordering::SeqCst);
+        })
+        .build()
+        .unwrap();
+    phone.insert("todo", "1", &json!({"title": "milk", "priority": "3.5"})).unwrap();
+    phone.sync().await.unwrap();
+    assert_eq!(rows(&phone, "todo")["1"]["priority"], "3.50", "the server's form comes back");
+
+    phone.update("todo", "1", &json!({"priority": "abc", "title": "oat milk"})).unwrap();
+    phone.update("todo", "1", &json!({"title": "soy milk"})).unwrap();
+    assert_eq!(rows(&phone, "todo")["1"]["priority"], "abc");
+    let report = phone.sync().await.unwrap();
+    assert_eq!(report.rejected.len(), 1);
+    assert!(report.rejected[0].reason.contains("\"priority\""), "{}", report.rejected[0].reason);
+    assert_eq!(seen.load(Ordering::SeqCst), 1, "the callback ran");
+    assert_eq!(phone.pending().unwrap(), 0, "a rejected change leaves the outbox: it cannot stall sync");
+    assert_eq!(Value::Object(rows(&phone, "todo")["1"].clone()), json!({"id": 1, "title": "soy milk", "priority": "3.50"}));
+    assert_eq!(rows(&phone, "todo"), server_rows(&cluster, "acme", "todo"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_server_leaves_local_writes_intact_until_it_is_back() {
+    let (cluster, url) = start();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("offline.db");
+    {
+        let offline = client("acme", "phone", LocalStore::sqlite(&path).unwrap(), PgRemote::new("host=127.0.0.1 port=1 user=postgres connect_timeout=2"));
+        offline.insert("todo", "1", &json!({"title": "written offline"})).unwrap();
+        assert!(matches!(offline.sync().await, Err(Error::Remote(_))));
+        assert_eq!(offline.pending().unwrap(), 1);
+        assert_eq!(rows(&offline, "todo")["1"]["title"], "written offline");
+    }
+    let reopened = client("acme", "phone", LocalStore::sqlite(&path).unwrap(), PgRemote::new(&url));
+    assert_eq!(reopened.pending().unwrap(), 1, "the outbox survived the restart");
+    reopened.sync().await.unwrap();
+    assert_eq!(reopened.pending().unwrap(), 0);
+    assert_eq!(server_rows(&cluster, "acme", "todo")["1"]["title"], "written offline");
+    let other_tenant = SyncClient::builder().tenant("globex").actor("phone").local(LocalStore::sqlite(&path).unwrap()).remote(PgRemote::new(&url)).build();
+    assert!(matches!(other_tenant, Err(Error::Store(_))), "a store is bound to its tenant");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listen_wakes_a_live_client_within_a_second_of_another_push() {
+    let (_cluster, url) = start();
+    let writer = client("acme", "writer", LocalStore::memory(), PgRemote::new(&url));
+    let reader = Arc::new(client("acme", "reader", LocalStore::memory(), PgRemote::new(&url)));
+    let options = LiveOptions { listen_url: Some(url.clone()), interval: Duration::from_secs(60), ..LiveOptions::default() };
+    let live = reader.clone().live(options);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    writer.insert("todo", "1", &json!({"title": "ping"})).unwrap();
+    let pushed = Instant::now();
+    writer.sync().await.unwrap();
+    while reader.get::<Row>("todo", "1").unwrap().is_none() {
+        assert!(pushed.elapsed() < Duration::from_secs(1), "not woken within a second");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let waited = pushed.elapsed();
+    live.stop().await;
+    println!("live client saw the push {waited:?} after it started");
+}
+
+/// One step of the random schedule: a client writes, or syncs.
+#[derive(Clone, Debug)]
+enum Step {
+    Write { client: usize, op: Op, pk: u8, field: &'static str, value: i32 },
+    Sync { client: usize },
+}
+
+fn step() -> impl Strategy<Value = Step> {
+    prop_oneof![
+        3 => (0..3usize, prop_oneof![Just(Op::Insert), Just(Op::Update), Just(Op::Delete)], 0..3u8, prop_oneof![Just("a"), Just("b")], any::<i32>())
+            .prop_map(|(client, op, pk, field, value)| Step::Write { client, op, pk, field, value }),
+        1 => (0..3usize).prop_map(|client| Step::Sync { client }),
+    ]
+}
+
+#[test]
+fn three_replicas_under_random_edits_and_syncs_end_identical_to_the_server() {
+    let cluster = Cluster::start();
+    let url = cluster.create_database("sync");
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let case = AtomicUsize::new(0);
+    let mut runner = TestRunner::new(Config { cases: 24, ..Config::default() });
+    runner
+        .run(&proptest::collection::vec(step(), 1..40), |steps| {
+            let tenant = format!("case-{}", case.fetch_add(1, Ordering::SeqCst));
+            let replicas: Vec<_> = (0..3).map(|i| client(&tenant, &format!("device-{i}"), LocalStore::memory(), PgRemote::new(&url))).collect();
+            runtime.block_on(async {
+                for step in &steps {
+                    match step {
+                        Step::Write { client, op, pk, field, value } => {
+                            let value = (*op != Op::Delete).then(|| json!({*field: value}).as_object().cloned().unwrap());
+                            replicas[*client].apply_change("todo", &pk.to_string(), *op, value).unwrap();
+                        }
+                        Step::Sync { client } => {
+                            replicas[*client].sync().await.unwrap();
+                        }
+                    }
+                }
+                for replica in replicas.iter().chain(replicas.iter()) {
+                    replica.sync().await.unwrap();
+                }
+            });
+            let expected = server_rows(&cluster, &tenant, "todo");
+            for replica in &replicas {
+                prop_assert_eq!(rows(replica, "todo"), expected.clone());
+            }
+            Ok(())
+        })
+        .expect("replicas converge");
+}
