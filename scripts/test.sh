@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs every test: the protocol's unit and property tests, the in-database #[pg_test]s, and the
+# Runs every test: the protocol and client crates (unit, property and doc tests), the in-database #[pg_test]s, and the
 # end-to-end tests over real connections to throwaway clusters. Installs what is missing first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,8 +12,8 @@ cleanup() { rm -f "$results"; [ -z "${pgtest_dir:-}" ] || rm -rf "$pgtest_dir"; 
 trap cleanup EXIT
 counted() { "$@" 2>&1 | tee -a "$results"; }
 
-echo "== protocol: unit and property tests"
-counted cargo test -p sync_ext_protocol
+echo "== protocol and client: unit tests, property tests, doctests"
+counted cargo test -p sync_ext_protocol -p sync_ext_client
 
 echo "== extension: in-database tests"
 if [ "$(id -u)" -eq 0 ]; then
