@@ -68,7 +68,7 @@ pub struct Draft {
 }
 
 fn capture(table: pg_sys::Oid, old_rows: Option<AnyArray>, new_rows: Option<AnyArray>) -> SyncResult<()> {
-    Spi::connect_mut(|client| {
+    crate::auth::as_owner(|| Spi::connect_mut(|client| {
         let Some(model) = Model::load_for_table(client, table)? else { return Ok(()) };
         let mut old: BTreeMap<(String, String), Map<String, Value>> =
             captured_rows(&model, old_rows)?.into_iter().map(|row| ((row.tenant, row.pk), row.columns)).collect();
@@ -94,7 +94,7 @@ fn capture(table: pg_sys::Oid, old_rows: Option<AnyArray>, new_rows: Option<AnyA
             commit_server_changes(client, &tenant, &model.name, drafts)?;
         }
         Ok(())
-    })
+    }))
 }
 
 /// Logs changes made by the server for one tenant: stamped after every hlc the tenant has seen, so

@@ -37,6 +37,15 @@ pub enum SyncError {
     /// A tenant counter row that does not decode: edited by hand (XX001).
     #[error("sync_ext.tenants row {tenant} is corrupt")]
     CorruptTenant { tenant: String },
+    /// The role may not access the tenant (42501).
+    #[error("permission denied for tenant {tenant}: role {role} has no grant for it (see sync_grant_tenant)")]
+    Forbidden { role: String, tenant: String },
+    /// The extension is not installed in this database (55000).
+    #[error("sync_ext is not installed in this database")]
+    NotInstalled,
+    /// A MessagePack body that does not decode (22P02).
+    #[error("{argument}: not valid MessagePack: {problem}")]
+    InvalidMessagePack { argument: &'static str, problem: String },
     /// A stored row that does not decode: the sync tables were edited by hand (XX001).
     #[error("sync_ext.snapshots row ({model}, {id}) is corrupt: {problem}")]
     CorruptSnapshot { model: String, id: String, problem: String },
@@ -57,6 +66,9 @@ impl SyncError {
             }
             SyncError::InvalidPortable { .. } => PgSqlErrorCode::ERRCODE_INVALID_TEXT_REPRESENTATION,
             SyncError::MissingTenant { .. } | SyncError::MissingKey { .. } => PgSqlErrorCode::ERRCODE_NOT_NULL_VIOLATION,
+            SyncError::Forbidden { .. } => PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+            SyncError::NotInstalled => PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            SyncError::InvalidMessagePack { .. } => PgSqlErrorCode::ERRCODE_INVALID_TEXT_REPRESENTATION,
             SyncError::AlreadyRegistered { .. } => PgSqlErrorCode::ERRCODE_DUPLICATE_OBJECT,
             SyncError::UnknownModel { .. } => PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
             SyncError::CorruptSnapshot { .. } | SyncError::CorruptTenant { .. } => PgSqlErrorCode::ERRCODE_DATA_CORRUPTED,

@@ -12,7 +12,9 @@ use std::ffi::CStr;
 use pgrx::prelude::*;
 use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting, PostgresGucEnum};
 
+mod auth;
 mod capture;
+mod compact;
 mod errors;
 mod jsonb;
 mod models;
@@ -27,6 +29,11 @@ mod testing;
 ::pgrx::pg_module_magic!(name, version);
 
 pgrx::extension_sql_file!("../sql/bootstrap.sql", name = "bootstrap", bootstrap);
+// A fresh install is the 0.1.0 schema plus every upgrade since, so fresh and upgraded databases match.
+pgrx::extension_sql_file!("../sql/sync_ext--0.1.0--0.2.0.sql", name = "upgrade_0_2_0", finalize);
+
+/// `sync_ext.jwt_tenant_claim`: when set, the claim of `request.jwt.claims` that must equal the tenant.
+pub(crate) static JWT_TENANT_CLAIM: GucSetting<Option<std::ffi::CString>> = GucSetting::<Option<std::ffi::CString>>::new(None);
 
 /// `sync_ext.max_clock_skew`: how far (ms) a change's hlc may run ahead of the server clock.
 pub(crate) static MAX_CLOCK_SKEW_MS: GucSetting<i32> = GucSetting::<i32>::new(5 * 60 * 1000);
@@ -94,6 +101,14 @@ pub extern "C-unwind" fn _PG_init() {
         c"",
         &ACTOR,
         GucContext::Userset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_string_guc(
+        c"sync_ext.jwt_tenant_claim",
+        c"When set, the claim of request.jwt.claims that must equal the tenant of every sync call (PostgREST, Supabase).",
+        c"",
+        &JWT_TENANT_CLAIM,
+        GucContext::Suset,
         GucFlags::default(),
     );
     GucRegistry::define_enum_guc(

@@ -1,51 +1,83 @@
-//! `sync_pull`: a tenant's changes after a cursor, in seq order.
+//! `sync_pull`: a tenant's changes after a cursor, in seq order, or a reset served from the snapshots.
+//!
+//! A cursor below the tenant's compaction horizon (history there is incomplete) or above its last seq
+//! (e.g. after a restore) gets `"reset": true` and pages of the current rows, ordered by the seq of the
+//! change that last altered each row (unique per tenant, so paging is exact even while pushes go on).
+//! Each reset row carries its full merge registers (`field_stamps`, `deleted_hlc`) so the client merges
+//! later changes exactly as the server does. Mid-reset the cursor is negative (`-S`: rows through seq S
+//! sent); the last page ends at the tenant's last seq, from which ordinary pulls continue.
 
 use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::prelude::*;
+use pgrx::spi::SpiTupleTable;
+use pgrx::JsonB;
 use sync_ext_protocol::validate_tenant;
 
+use crate::auth::{as_owner, authorize};
 use crate::errors::{SyncError, SyncResult};
 use crate::jsonb::JsonbDatum;
 
-/// Returns `{"changes":[...],"cursor":N,"has_more":bool}`: at most `max_changes` changes with seq
-/// greater than `since`. The body is built by one query and returned without re-parsing.
+/// The page of a pull, built in one statement (so the mode, the horizon and the rows come from one snapshot).
+const PULL_PAGE: &str = "
+WITH t AS (
+    SELECT coalesce(max(last_seq), 0) AS last_seq, coalesce(max(horizon), 0) AS horizon
+      FROM sync_ext.tenants WHERE tenant_id = $1),
+mode AS (
+    SELECT ($2 < 0 OR $2 < t.horizon OR $2 > t.last_seq) AS reset,
+           CASE WHEN $2 < 0 THEN -$2 ELSE 0 END AS snapshot_after,
+           t.last_seq
+      FROM t),
+log_page AS (
+    SELECT o.seq, jsonb_build_object('seq', o.seq, 'op_id', o.op_id, 'model', o.model, 'pk', o.pk, 'op', o.op,
+                                     'hlc', o.hlc, 'actor', o.actor, 'value', o.payload) AS change
+      FROM sync_ext.op_log AS o
+     WHERE NOT (SELECT reset FROM mode) AND o.tenant_id = $1 AND o.seq > $2
+     ORDER BY o.seq
+     LIMIT $3 + 1),
+snapshot_page AS (
+    SELECT s.seq, jsonb_build_object('seq', s.seq, 'op_id', s.op_id, 'model', s.model, 'pk', s.id,
+                                     'op', CASE WHEN s.deleted THEN 'delete' ELSE 'insert' END,
+                                     'hlc', s.hlc, 'actor', s.actor,
+                                     'value', CASE WHEN s.deleted THEN NULL ELSE s.value END,
+                                     'field_stamps', s.field_stamps, 'deleted_hlc', s.deleted_hlc) AS change
+      FROM sync_ext.snapshots AS s
+     WHERE (SELECT reset FROM mode) AND s.tenant_id = $1 AND s.seq > (SELECT snapshot_after FROM mode)
+     ORDER BY s.seq
+     LIMIT $3 + 1),
+page AS (SELECT * FROM log_page UNION ALL SELECT * FROM snapshot_page),
+kept AS (SELECT * FROM page ORDER BY seq LIMIT $3)
+SELECT jsonb_build_object(
+           'changes', coalesce((SELECT jsonb_agg(change ORDER BY seq) FROM kept), '[]'::jsonb),
+           'cursor', CASE WHEN NOT mode.reset THEN coalesce((SELECT max(seq) FROM kept), $2)
+                          WHEN (SELECT count(*) FROM page) > $3 THEN -(SELECT max(seq) FROM kept)
+                          ELSE mode.last_seq END,
+           'has_more', (SELECT count(*) FROM page) > $3)
+       || CASE WHEN mode.reset THEN '{\"reset\": true}'::jsonb ELSE '{}'::jsonb END
+  FROM mode";
+
+/// Returns `{"changes":[...],"cursor":N,"has_more":bool}` (plus `"reset":true` when the cursor cannot be
+/// continued from the log): at most `max_changes` changes after `since`. The body is built by one query
+/// and returned without re-parsing.
 #[pg_extern(stable, parallel_safe)]
 fn sync_pull(tenant: &str, since: i64, max_changes: default!(i32, 1000)) -> Result<JsonbDatum, ErrorReport> {
-    Ok(pull(tenant, since, max_changes)?)
+    Ok(pull_page(tenant, since, max_changes, |table| Ok(JsonbDatum::take_first(table)?))?)
 }
 
-fn pull(tenant: &str, since: i64, max_changes: i32) -> SyncResult<JsonbDatum> {
+/// `sync_pull` with the body encoded as MessagePack (named fields).
+#[pg_extern(stable, parallel_safe)]
+fn sync_pull_msgpack(tenant: &str, since: i64, max_changes: default!(i32, 1000)) -> Result<Vec<u8>, ErrorReport> {
+    let body = pull_page(tenant, since, max_changes, |table| Ok(table.first().get_one::<JsonB>()?))?;
+    Ok(sync_ext_protocol::msgpack::encode(&body.map(|body| body.0)).expect("JSON values encode as MessagePack"))
+}
+
+fn pull_page<T>(tenant: &str, since: i64, max_changes: i32, take: impl FnOnce(SpiTupleTable<'_>) -> SyncResult<T>) -> SyncResult<T> {
     validate_tenant(tenant)?;
-    if since < 0 {
-        return Err(SyncError::InvalidArgument { argument: "since", problem: format!("must be 0 or more, got {since}") });
-    }
     if max_changes < 1 {
-        return Err(SyncError::InvalidArgument {
-            argument: "max_changes",
-            problem: format!("must be 1 or more, got {max_changes}"),
-        });
+        return Err(SyncError::InvalidArgument { argument: "max_changes", problem: format!("must be 1 or more, got {max_changes}") });
     }
+    authorize(tenant)?;
     let limit = max_changes.min(crate::MAX_PULL_CHANGES.get().max(1));
-    Spi::connect(|client| {
-        let table = client.select(
-            "WITH page AS (
-                 SELECT seq, op_id, model, pk, op, hlc, actor, payload
-                   FROM sync_ext.op_log
-                  WHERE tenant_id = $1 AND seq > $2
-                  ORDER BY seq
-                  LIMIT $3 + 1),
-             kept AS (SELECT * FROM page ORDER BY seq LIMIT $3)
-             SELECT jsonb_build_object(
-                 'changes', coalesce((SELECT jsonb_agg(jsonb_build_object(
-                                'seq', seq, 'op_id', op_id, 'model', model, 'pk', pk, 'op', op,
-                                'hlc', hlc, 'actor', actor, 'value', payload) ORDER BY seq) FROM kept), '[]'::jsonb),
-                 'cursor', coalesce((SELECT max(seq) FROM kept), $2),
-                 'has_more', (SELECT count(*) FROM page) > $3)",
-            Some(1),
-            &[tenant.into(), since.into(), limit.into()],
-        )?;
-        Ok(JsonbDatum::take_first(table)?)
-    })
+    as_owner(|| Spi::connect(|client| take(client.select(PULL_PAGE, Some(1), &[tenant.into(), since.into(), limit.into()])?)))
 }
 
 #[cfg(any(test, feature = "pg_test"))]
@@ -108,7 +140,23 @@ mod tests {
     #[pg_test]
     fn bad_pull_arguments_are_errors_naming_the_argument() {
         assert_eq!(error_of("SELECT sync_pull('', 0)"), "22023: tenant: must not be empty");
-        assert_eq!(error_of("SELECT sync_pull('t', -1)"), "22023: since: must be 0 or more, got -1");
         assert_eq!(error_of("SELECT sync_pull('t', 0, 0)"), "22023: max_changes: must be 1 or more, got 0");
+    }
+
+    #[pg_test]
+    fn messagepack_pushes_and_pulls_carry_the_same_structures_as_json() {
+        let changes = json!([change(1, "1", "insert", "00.000", "a", json!({"title": "milk", "n": 1.5, "tags": ["x", null]})),
+                             change(2, "1", "delete", "01.000", "b", Value::Null)]);
+        let packed = sync_ext_protocol::msgpack::encode(&changes).unwrap();
+        let response = Spi::get_one_with_args::<Vec<u8>>("SELECT sync_push_msgpack('t', $1)", &[packed.into()]).unwrap().unwrap();
+        let response: Value = sync_ext_protocol::msgpack::decode(&response).unwrap();
+        assert_eq!(response["results"][1], json!({"op_id": "00000000-0000-4000-8000-000000000002", "status": "applied", "seq": 2}));
+        let packed_pull = Spi::get_one::<Vec<u8>>("SELECT sync_pull_msgpack('t', 0, 10)").unwrap().unwrap();
+        let from_msgpack: Value = sync_ext_protocol::msgpack::decode(&packed_pull).unwrap();
+        assert_eq!(from_msgpack, pull("t", 0, 10), "the same body in either encoding");
+        let json_bytes = Spi::get_one::<i32>("SELECT octet_length(sync_pull('t', 0, 10)::text)").unwrap().unwrap();
+        assert!((packed_pull.len() as i32) < json_bytes, "MessagePack is smaller: {} vs {json_bytes} bytes", packed_pull.len());
+        assert!(error_of(r"SELECT sync_push_msgpack('t', '\xc1')").starts_with("22P02: changes: not valid MessagePack"));
+        assert!(error_of(r"SELECT sync_push_msgpack('t', '\x91a3ff')").starts_with("22P02: changes: not valid MessagePack"), "invalid UTF-8");
     }
 }

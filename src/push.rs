@@ -10,7 +10,8 @@ use serde_json::Value;
 use sync_ext_protocol::hlc::wall_clock_millis;
 use sync_ext_protocol::{merge_batch, parse_changes, validate_tenant, BatchContext, BatchOutcome, Change, PushResponse, Status};
 
-use crate::errors::SyncResult;
+use crate::auth::{as_owner, authorize};
+use crate::errors::{SyncError, SyncResult};
 use crate::models::{self, Model, PendingWrites};
 use crate::storage::{self, TenantState};
 
@@ -22,16 +23,26 @@ fn sync_push(tenant: &str, changes: JsonB) -> Result<JsonB, ErrorReport> {
     Ok(JsonB(serde_json::to_value(response).expect("push responses serialize")))
 }
 
-/// Validates, merges and stores one batch: a handful of statements whatever its size.
+/// `sync_push` with the changes and the response encoded as MessagePack (named fields).
+#[pg_extern(volatile, parallel_unsafe)]
+fn sync_push_msgpack(tenant: &str, changes: &[u8]) -> Result<Vec<u8>, ErrorReport> {
+    let body: Value = sync_ext_protocol::msgpack::decode(changes)
+        .map_err(|error| SyncError::InvalidMessagePack { argument: "changes", problem: error.to_string() })?;
+    let response = push(tenant, &body)?;
+    Ok(sync_ext_protocol::msgpack::encode(&response).expect("push responses encode"))
+}
+
+/// Validates, authorizes, merges and stores one batch: a handful of statements whatever its size.
 pub fn push(tenant: &str, body: &Value) -> SyncResult<PushResponse> {
     validate_tenant(tenant)?;
     let max_changes = usize::try_from(crate::MAX_PUSH_CHANGES.get()).unwrap_or(0);
     let mut changes = parse_changes(body, max_changes)?;
+    authorize(tenant)?;
     if changes.is_empty() {
-        let cursor = Spi::connect(|client| storage::last_seq(client, tenant))?;
+        let cursor = as_owner(|| Spi::connect(|client| storage::last_seq(client, tenant)))?;
         return Ok(PushResponse { cursor, results: Vec::new() });
     }
-    Spi::connect_mut(|client| {
+    as_owner(|| Spi::connect_mut(|client| {
         let state = storage::lock_tenant(client, tenant)?;
         let names: BTreeSet<&str> = changes.iter().map(|change| change.model.as_str()).collect();
         let models = Model::load_named(client, &names.into_iter().collect::<Vec<_>>())?;
@@ -53,7 +64,7 @@ pub fn push(tenant: &str, body: &Value) -> SyncResult<PushResponse> {
         }
         store(client, tenant, &state, &changes, &outcome)?;
         Ok(PushResponse { cursor: outcome.last_seq, results: outcome.results })
-    })
+    }))
 }
 
 /// The final states of the registered models' rows that a batch changed, to write into their tables.

@@ -63,13 +63,15 @@ use uuid::Uuid;
 
 pub use error::{Error, Result};
 pub use live::{LiveHandle, LiveOptions};
-pub use remote::{PgRemote, Remote};
+pub use remote::{Encoding, PgRemote, Remote};
 pub use store::{LocalRow, LocalStore, Transaction};
 pub use sync_ext_protocol as protocol;
 
 const META_CLOCK: &str = "hlc";
 const META_CURSOR: &str = "cursor";
 const META_TENANT: &str = "tenant";
+/// Set while a reset is being paged in.
+const META_RESETTING: &str = "resetting";
 
 /// A change the server refused; it left the outbox and its row went back to the server's version.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -352,13 +354,19 @@ impl<R: Remote> SyncClient<R> {
             let page = self.remote.pull(&self.tenant, cursor, self.pull_page).await?;
             self.store.transaction(|t| {
                 let mut clock = read_clock(t)?;
+                if page.reset {
+                    apply_reset_page(t, &page)?;
+                } else {
+                    for pulled in &page.changes {
+                        let change = pulled.to_change();
+                        let mut row = t.row(&change.model, &change.pk)?;
+                        row.confirmed.apply(&change);
+                        row.local.apply(&change);
+                        t.put_row(&change.model, &change.pk, &row)?;
+                    }
+                }
                 for pulled in &page.changes {
-                    let change = pulled.to_change();
-                    let mut row = t.row(&change.model, &change.pk)?;
-                    row.confirmed.apply(&change);
-                    row.local.apply(&change);
-                    t.put_row(&change.model, &change.pk, &row)?;
-                    clock.observe(change.hlc);
+                    clock.observe(pulled.hlc);
                 }
                 write_clock(t, &clock)?;
                 t.set_meta(META_CURSOR, &page.cursor.to_string())
@@ -390,6 +398,33 @@ impl<R: Remote> SyncClient<R> {
             Ok(())
         })
     }
+}
+
+/// Applies a page of a reset: on its first page every confirmed row is forgotten (the app keeps seeing
+/// its unsent changes); each row sent becomes the confirmed state, with unsent changes merged on top.
+fn apply_reset_page(t: &mut dyn Transaction, page: &protocol::PullResponse) -> Result<()> {
+    let unsent = t.outbox(usize::MAX)?;
+    if t.meta(META_RESETTING)?.is_none() {
+        t.clear_rows()?;
+        for change in &unsent {
+            let mut row = t.row(&change.model, &change.pk)?;
+            row.local.apply(change);
+            t.put_row(&change.model, &change.pk, &row)?;
+        }
+        t.set_meta(META_RESETTING, "1")?;
+    }
+    for pulled in &page.changes {
+        let confirmed = pulled.to_row_state().map_err(|problem| Error::Remote(format!("a reset row does not decode: {problem}")))?;
+        let mut local = confirmed.clone();
+        for change in unsent.iter().filter(|change| change.model == pulled.model && change.pk == pulled.pk) {
+            local.apply(change);
+        }
+        t.put_row(&pulled.model, &pulled.pk, &LocalRow { confirmed, local })?;
+    }
+    if !page.has_more {
+        t.delete_meta(META_RESETTING)?;
+    }
+    Ok(())
 }
 
 fn decode<T: DeserializeOwned>(model: &str, pk: &str, fields: Map<String, Value>) -> Result<T> {

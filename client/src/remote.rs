@@ -18,10 +18,20 @@ pub trait Remote: Send + Sync {
     fn pull(&self, tenant: &str, since: i64, max_changes: i32) -> impl Future<Output = Result<PullResponse>> + Send;
 }
 
+/// How changes and pulls travel: JSON (`sync_push` / `sync_pull`) or MessagePack with named fields
+/// (`sync_push_msgpack` / `sync_pull_msgpack`, smaller on the wire). Same structures either way.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Encoding {
+    #[default]
+    Json,
+    MsgPack,
+}
+
 /// A [`Remote`] over tokio-postgres. It connects on first use and reconnects after the connection
 /// drops, so a client can be built while offline.
 pub struct PgRemote {
     url: String,
+    encoding: Encoding,
     client: Mutex<Option<tokio_postgres::Client>>,
 }
 
@@ -35,7 +45,13 @@ fn remote_error(error: tokio_postgres::Error) -> Error {
 impl PgRemote {
     /// A remote for a libpq-style connection string or URL (`postgres://user@host/db`).
     pub fn new(url: impl Into<String>) -> Self {
-        PgRemote { url: url.into(), client: Mutex::new(None) }
+        PgRemote { url: url.into(), encoding: Encoding::Json, client: Mutex::new(None) }
+    }
+
+    /// Uses another encoding on the wire.
+    pub fn encoding(mut self, encoding: Encoding) -> Self {
+        self.encoding = encoding;
+        self
     }
 
     /// The connection string this remote connects with.
@@ -43,7 +59,7 @@ impl PgRemote {
         &self.url
     }
 
-    async fn call(&self, sql: &str, params: &[&(dyn tokio_postgres::types::ToSql + Sync)]) -> Result<Value> {
+    async fn call<T: tokio_postgres::types::FromSqlOwned>(&self, sql: &str, params: &[&(dyn tokio_postgres::types::ToSql + Sync)]) -> Result<T> {
         let mut guard = self.client.lock().await;
         if guard.as_ref().is_none_or(tokio_postgres::Client::is_closed) {
             *guard = Some(connect(&self.url).await?.0);
@@ -91,15 +107,36 @@ pub(crate) async fn connect(url: &str) -> Result<(tokio_postgres::Client, mpsc::
     Ok((client, receiver))
 }
 
+fn unexpected(what: &str, error: impl std::fmt::Display) -> Error {
+    Error::Remote(format!("unexpected {what} response: {error}"))
+}
+
 impl Remote for PgRemote {
     async fn push(&self, tenant: &str, changes: &[Change]) -> Result<PushResponse> {
-        let body = serde_json::to_value(changes).expect("changes serialize");
-        let response = self.call("SELECT sync_push($1, $2)", &[&tenant, &body]).await?;
-        serde_json::from_value(response).map_err(|error| Error::Remote(format!("unexpected push response: {error}")))
+        match self.encoding {
+            Encoding::Json => {
+                let body = serde_json::to_value(changes).expect("changes serialize");
+                let response: Value = self.call("SELECT sync_push($1, $2)", &[&tenant, &body]).await?;
+                serde_json::from_value(response).map_err(|error| unexpected("push", error))
+            }
+            Encoding::MsgPack => {
+                let body = sync_ext_protocol::msgpack::encode(&changes).expect("changes encode");
+                let response: Vec<u8> = self.call("SELECT sync_push_msgpack($1, $2)", &[&tenant, &body]).await?;
+                sync_ext_protocol::msgpack::decode(&response).map_err(|error| unexpected("push", error))
+            }
+        }
     }
 
     async fn pull(&self, tenant: &str, since: i64, max_changes: i32) -> Result<PullResponse> {
-        let response = self.call("SELECT sync_pull($1, $2, $3)", &[&tenant, &since, &max_changes]).await?;
-        serde_json::from_value(response).map_err(|error| Error::Remote(format!("unexpected pull response: {error}")))
+        match self.encoding {
+            Encoding::Json => {
+                let response: Value = self.call("SELECT sync_pull($1, $2, $3)", &[&tenant, &since, &max_changes]).await?;
+                serde_json::from_value(response).map_err(|error| unexpected("pull", error))
+            }
+            Encoding::MsgPack => {
+                let response: Vec<u8> = self.call("SELECT sync_pull_msgpack($1, $2, $3)", &[&tenant, &since, &max_changes]).await?;
+                sync_ext_protocol::msgpack::decode(&response).map_err(|error| unexpected("pull", error))
+            }
+        }
     }
 }

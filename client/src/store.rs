@@ -43,6 +43,8 @@ pub trait Transaction {
     /// A row's states (both empty for a row never seen).
     fn row(&mut self, model: &str, pk: &str) -> Result<LocalRow>;
     fn put_row(&mut self, model: &str, pk: &str, row: &LocalRow) -> Result<()>;
+    /// Forgets every row (a reset reloads them).
+    fn clear_rows(&mut self) -> Result<()>;
     /// Every row of a model, by pk.
     fn rows(&mut self, model: &str) -> Result<BTreeMap<String, LocalRow>>;
     /// The oldest `limit` unsent changes, oldest first.
@@ -51,6 +53,7 @@ pub trait Transaction {
     fn dequeue(&mut self, op_id: Uuid) -> Result<()>;
     fn meta(&mut self, key: &str) -> Result<Option<String>>;
     fn set_meta(&mut self, key: &str, value: &str) -> Result<()>;
+    fn delete_meta(&mut self, key: &str) -> Result<()>;
 }
 
 /// Where a client keeps its data: an embedded SQLite file (the default) or memory (for tests).
@@ -132,6 +135,11 @@ impl Transaction for SqliteTransaction<'_> {
         Ok(())
     }
 
+    fn clear_rows(&mut self) -> Result<()> {
+        self.0.execute("DELETE FROM rows", [])?;
+        Ok(())
+    }
+
     fn rows(&mut self, model: &str) -> Result<BTreeMap<String, LocalRow>> {
         let mut statement = self.0.prepare_cached("SELECT pk, state FROM rows WHERE model = ?1")?;
         let rows = statement.query_map([model], |row| Ok((row.get::<_, String>(0)?, row.get::<_, String>(1)?)))?;
@@ -171,6 +179,11 @@ impl Transaction for SqliteTransaction<'_> {
             .execute((key, value))?;
         Ok(())
     }
+
+    fn delete_meta(&mut self, key: &str) -> Result<()> {
+        self.0.prepare_cached("DELETE FROM meta WHERE key = ?1")?.execute([key])?;
+        Ok(())
+    }
 }
 
 impl Transaction for MemoryState {
@@ -180,6 +193,11 @@ impl Transaction for MemoryState {
 
     fn put_row(&mut self, model: &str, pk: &str, row: &LocalRow) -> Result<()> {
         self.rows.insert((model.to_owned(), pk.to_owned()), row.clone());
+        Ok(())
+    }
+
+    fn clear_rows(&mut self) -> Result<()> {
+        self.rows.clear();
         Ok(())
     }
 
@@ -207,6 +225,11 @@ impl Transaction for MemoryState {
 
     fn set_meta(&mut self, key: &str, value: &str) -> Result<()> {
         self.meta.insert(key.to_owned(), value.to_owned());
+        Ok(())
+    }
+
+    fn delete_meta(&mut self, key: &str) -> Result<()> {
+        self.meta.remove(key);
         Ok(())
     }
 }

@@ -92,6 +92,19 @@ impl Cluster {
         self.pg_ctl(&["restart", "-m", "fast", "-w", "-t", "60", "-l", self.log_path().to_str().unwrap()]);
     }
 
+    /// Runs a Postgres client program (pg_dump, pg_restore...) against this cluster.
+    pub fn run_tool(&self, program: &str, args: &[&str]) {
+        let port = self.port.to_string();
+        let mut full = vec!["-h", "127.0.0.1", "-p", &port, "-U", "postgres"];
+        full.extend_from_slice(args);
+        run_pg(&self.bin, program, &full);
+    }
+
+    /// A path inside the cluster's directory (writable by the server's OS user).
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
     /// A libpq-style connection string for database `db`.
     pub fn connection_string(&self, db: &str) -> String {
         format!("host=127.0.0.1 port={} user=postgres dbname={db}", self.port)
@@ -152,12 +165,13 @@ pub fn pull(client: &mut Client, tenant: &str, since: i64, max_changes: i32) -> 
 
 /// Pulls every change after `since`, page by page.
 pub fn pull_all(client: &mut Client, tenant: &str, since: i64, page: i32) -> Result<PullResponse, postgres::Error> {
-    let mut all = PullResponse { changes: Vec::new(), cursor: since, has_more: true };
+    let mut all = PullResponse { changes: Vec::new(), cursor: since, has_more: true, reset: false };
     while all.has_more {
         let next = pull(client, tenant, all.cursor, page)?;
         all.changes.extend(next.changes);
         all.cursor = next.cursor;
         all.has_more = next.has_more;
+        all.reset |= next.reset;
     }
     Ok(all)
 }

@@ -7,7 +7,7 @@
 //! - [`stored`]: the flat form in which a row's merge state is stored;
 //! - [`portable`]: portable JSON forms of Postgres values (timestamps, intervals, bytes, exact numbers);
 //! - [`batch`]: the outcome of a whole pushed batch;
-//! - [`wire`]: push results and pull bodies.
+//! - [`wire`]: push results and pull bodies, and [`msgpack`] for their MessagePack form.
 
 #[cfg(feature = "arbitrary")]
 pub mod arbitrary;
@@ -16,6 +16,7 @@ pub mod calendar;
 pub mod change;
 pub mod hlc;
 pub mod merge;
+pub mod msgpack;
 pub mod portable;
 pub mod stored;
 pub mod wire;

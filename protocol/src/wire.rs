@@ -5,6 +5,8 @@ use serde_json::{Map, Value};
 use uuid::Uuid;
 
 use crate::change::{Change, Op};
+use crate::merge::{RowState, Stamp};
+use crate::stored::StoredRow;
 use crate::hlc::Hlc;
 
 /// Reason of a change refused because its op_id was already used with a different payload.
@@ -59,9 +61,15 @@ pub struct PulledChange {
     pub op: Op,
     pub hlc: Hlc,
     pub actor: String,
-    /// The fields the change won (`None` for a delete).
+    /// The fields the change won (`None` for a delete); in a reset page, the row's current fields.
     #[serde(default)]
     pub value: Option<Map<String, Value>>,
+    /// Reset pages only: the stamps of fields written by another change than this one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub field_stamps: Option<Map<String, Value>>,
+    /// Reset pages only: the hlc of the row's latest delete.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deleted_hlc: Option<Hlc>,
 }
 
 impl PulledChange {
@@ -77,6 +85,18 @@ impl PulledChange {
             value: self.value.clone(),
         }
     }
+
+    /// The full merge state of a row sent in a reset page.
+    pub fn to_row_state(&self) -> Result<RowState, String> {
+        StoredRow {
+            value: self.value.clone().unwrap_or_default(),
+            stamp: Stamp { hlc: self.hlc, actor: self.actor.clone(), op_id: self.op_id },
+            deleted: self.op == Op::Delete,
+            deleted_hlc: self.deleted_hlc,
+            field_stamps: self.field_stamps.clone().unwrap_or_default(),
+        }
+        .into_state()
+    }
 }
 
 /// What `sync_pull` returns.
@@ -88,4 +108,9 @@ pub struct PullResponse {
     pub cursor: i64,
     /// More changes follow the cursor.
     pub has_more: bool,
+    /// The page holds current rows instead of changes: the cursor asked for was below the tenant's
+    /// compaction horizon or above its last seq. The client replaces its confirmed rows with these
+    /// (over all reset pages, until `has_more` is false) and keeps its unsent changes on top.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub reset: bool,
 }

@@ -39,6 +39,8 @@ fn push_in_batches(changes: &[Change], batch_sizes: &[usize]) -> (Rows, Vec<Pull
                 hlc: change.hlc,
                 actor: change.actor.clone(),
                 value: appended.payload.clone(),
+                field_stamps: None,
+                deleted_hlc: None,
             });
         }
         for (key, touched) in outcome.rows {

@@ -1,0 +1,190 @@
+//! Running sync_ext for real: compaction while clients push and pull, backups, upgrades.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use postgres::Client;
+use serde_json::{json, Map, Value};
+use sync_ext_client::{Encoding, LocalStore, PgRemote, SyncClient};
+use sync_ext_pgrx_tests::{change, hlc_ago, pull_all, push, Cluster};
+use sync_ext_protocol::Op;
+
+type Row = Map<String, Value>;
+
+fn server_rows(client: &mut Client, tenant: &str) -> BTreeMap<String, Row> {
+    client
+        .query("SELECT id, value FROM sync_ext.snapshots WHERE tenant_id = $1 AND NOT deleted", &[&tenant])
+        .unwrap()
+        .iter()
+        .map(|row| (row.get::<_, String>(0), row.get::<_, Value>(1).as_object().cloned().unwrap()))
+        .collect()
+}
+
+fn local_rows(client: &SyncClient<PgRemote>) -> BTreeMap<String, Row> {
+    client.list::<Row>("todo").unwrap().into_iter().collect()
+}
+
+#[test]
+fn compaction_under_concurrent_pushes_and_pulls_loses_nothing() {
+    let cluster = Cluster::start();
+    let url = cluster.create_database("sync");
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let writer = Arc::new(SyncClient::builder().tenant("acme").actor("writer").local(LocalStore::memory()).remote(PgRemote::new(&url)).build().unwrap());
+    let reader = Arc::new(
+        SyncClient::builder()
+            .tenant("acme")
+            .actor("reader")
+            .local(LocalStore::memory())
+            .remote(PgRemote::new(&url).encoding(Encoding::MsgPack))
+            .build()
+            .unwrap(),
+    );
+    let done = Arc::new(AtomicBool::new(false));
+    let compactions = Arc::new(AtomicUsize::new(0));
+    let compactor = {
+        let (url, done, compactions) = (url.clone(), done.clone(), compactions.clone());
+        std::thread::spawn(move || {
+            let mut client = Client::connect(&url, postgres::NoTls).unwrap();
+            while !done.load(Ordering::SeqCst) {
+                let result: Value = client.query_one("SELECT sync_compact('acme', '0 seconds')", &[]).unwrap().get(0);
+                if result["removed"].as_i64().unwrap() + result["tombstones"].as_i64().unwrap() > 0 {
+                    compactions.fetch_add(1, Ordering::SeqCst);
+                }
+                std::thread::sleep(Duration::from_millis(15));
+            }
+        })
+    };
+    runtime.block_on(async {
+        let reading = {
+            let (reader, done) = (reader.clone(), done.clone());
+            tokio::spawn(async move {
+                while !done.load(Ordering::SeqCst) {
+                    reader.sync().await.unwrap();
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            })
+        };
+        for round in 0..60 {
+            for row in 0..8 {
+                let pk = ((round + row) % 20).to_string();
+                match (round + row) % 7 {
+                    0 => writer.delete("todo", &pk).unwrap(),
+                    1 => writer.insert("todo", &pk, &json!({"title": format!("t{round}"), "n": round})).unwrap(),
+                    _ => writer.update("todo", &pk, &json!({"n": round * 10 + row})).unwrap(),
+                };
+            }
+            writer.sync().await.unwrap();
+        }
+        done.store(true, Ordering::SeqCst);
+        reading.await.unwrap();
+    });
+    compactor.join().unwrap();
+    let fresh = SyncClient::builder().tenant("acme").actor("new-device").local(LocalStore::memory()).remote(PgRemote::new(&url)).build().unwrap();
+    runtime.block_on(async {
+        writer.sync().await.unwrap();
+        reader.sync().await.unwrap();
+        fresh.sync().await.unwrap();
+    });
+    let mut sql = cluster.connect("sync");
+    let expected = server_rows(&mut sql, "acme");
+    let horizon: i64 = sql.query_one("SELECT horizon FROM sync_ext.tenants WHERE tenant_id = 'acme'", &[]).unwrap().get(0);
+    assert!(compactions.load(Ordering::SeqCst) > 0 && horizon > 0, "compaction ran while clients synced");
+    assert!(!expected.is_empty());
+    assert_eq!(local_rows(&writer), expected, "the writer stayed in sync");
+    assert_eq!(local_rows(&reader), expected, "the reader (MessagePack) stayed in sync");
+    assert_eq!(local_rows(&fresh), expected, "a new device bootstrapped from the compacted tenant");
+    let logged: i64 = sql.query_one("SELECT count(*) FROM sync_ext.op_log WHERE tenant_id = 'acme'", &[]).unwrap().get(0);
+    assert!(logged < 60 * 8, "the log was compacted: {logged} entries left of {}", 60 * 8);
+}
+
+/// Everything sync_ext keeps, as text, for comparing two databases.
+fn sync_state(client: &mut Client) -> Vec<String> {
+    [
+        "SELECT string_agg(t::text, ';' ORDER BY tenant_id) FROM sync_ext.tenants AS t",
+        "SELECT string_agg(o::text, ';' ORDER BY tenant_id, seq) FROM sync_ext.op_log AS o",
+        "SELECT string_agg(s::text, ';' ORDER BY tenant_id, model, id) FROM sync_ext.snapshots AS s",
+        "SELECT string_agg(m.model || '=' || m.table_name::text, ';') FROM sync_ext.models AS m",
+        "SELECT string_agg(g.tenant_id || '=' || g.role::text, ';') FROM sync_ext.grants AS g",
+        "SELECT string_agg(t::text, ';' ORDER BY id) FROM todos AS t",
+    ]
+    .iter()
+    .map(|sql| client.query_one(*sql, &[]).unwrap().get::<_, Option<String>>(0).unwrap_or_default())
+    .collect()
+}
+
+fn populate(client: &mut Client) {
+    client
+        .batch_execute(
+            "CREATE TABLE todos (id int PRIMARY KEY, tenant_id text NOT NULL, title text, due timestamptz);
+             SELECT sync_register_model('todo', 'todos', tenant_column => 'tenant_id');
+             INSERT INTO todos VALUES (1, 'acme', 'from SQL', '2026-11-24 10:00:00.5+00');",
+        )
+        .unwrap();
+    let changes = vec![
+        change(Op::Insert, "todo", "2", hlc_ago(2_000, 0), "phone", json!({"title": "pushed"})),
+        change(Op::Update, "note", "n1", hlc_ago(1_000, 0), "phone", json!({"body": "untyped model"})),
+    ];
+    push(client, "acme", &changes).unwrap();
+}
+
+#[test]
+fn pg_dump_and_pg_restore_keep_every_change_cursor_grant_and_model() {
+    let cluster = Cluster::start();
+    cluster.create_database("origin");
+    let mut origin = cluster.connect("origin");
+    populate(&mut origin);
+    origin.batch_execute("CREATE ROLE app_user NOLOGIN; SELECT sync_grant_tenant('app_user', 'acme')").unwrap();
+    let before = sync_state(&mut origin);
+
+    let dump = cluster.path("origin.dump");
+    cluster.run_tool("pg_dump", &["-Fc", "-f", dump.to_str().unwrap(), "origin"]);
+    cluster.connect("postgres").batch_execute("CREATE DATABASE restored").unwrap();
+    cluster.run_tool("pg_restore", &["-d", "restored", dump.to_str().unwrap()]);
+    let mut restored = cluster.connect("restored");
+    assert_eq!(sync_state(&mut restored), before, "the restored database holds the same sync state");
+
+    let next = vec![change(Op::Update, "todo", "2", hlc_ago(500, 0), "phone", json!({"title": "after restore"}))];
+    assert_eq!(push(&mut restored, "acme", &next).unwrap().cursor, 4, "seqs continue after the restored cursor");
+    restored.batch_execute("UPDATE todos SET title = 'captured after restore' WHERE id = 1").unwrap();
+    let pulled = pull_all(&mut restored, "acme", 4, 10).unwrap();
+    assert_eq!(pulled.changes.len(), 1, "the restored table's capture triggers still work");
+    let granted: bool = restored.query_one("SELECT has_table_privilege('app_user', 'sync_ext.op_log', 'SELECT')", &[]).unwrap().get(0);
+    assert!(granted, "table privileges of grants are restored");
+}
+
+#[test]
+fn upgrading_from_0_1_0_keeps_data_and_behaviour() {
+    let cluster = Cluster::start();
+    cluster.connect("postgres").batch_execute("CREATE DATABASE old").unwrap();
+    let mut old = cluster.connect("old");
+    old.batch_execute("CREATE EXTENSION sync_ext VERSION '0.1.0'").unwrap();
+    populate(&mut old);
+    let log = |client: &mut Client, without: &str| -> String {
+        let sql = format!("SELECT string_agg((to_jsonb(o) - '{without}')::text, ';' ORDER BY seq) FROM sync_ext.op_log AS o");
+        client.query_one(&sql, &[]).unwrap().get(0)
+    };
+    let before = log(&mut old, "");
+
+    old.batch_execute("ALTER EXTENSION sync_ext UPDATE").unwrap();
+    let version: String = old.query_one("SELECT extversion FROM pg_extension WHERE extname = 'sync_ext'", &[]).unwrap().get(0);
+    assert_eq!(version, "0.2.0");
+    assert_eq!(log(&mut old, "logged_at"), before, "every change is still there, unchanged");
+
+    let next = vec![change(Op::Update, "todo", "2", hlc_ago(500, 0), "phone", json!({"title": "after upgrade"}))];
+    assert_eq!(push(&mut old, "acme", &next).unwrap().cursor, 4);
+    let compacted: Value = old.query_one("SELECT sync_compact('acme', '0 seconds')", &[]).unwrap().get(0);
+    assert_eq!(compacted["horizon"], 2, "the superseded insert of todo 2 (seq 2) is compacted away");
+    let bootstrap = pull_all(&mut old, "acme", 0, 2).unwrap();
+    assert!(bootstrap.reset && bootstrap.cursor == 4, "new clients bootstrap by reset");
+    let stats: i64 = old.query_one("SELECT op_log_rows FROM sync_ext.tenant_stats WHERE tenant_id = 'acme'", &[]).unwrap().get(0);
+    assert_eq!(stats, 3);
+
+    cluster.create_database("fresh");
+    let columns = "SELECT string_agg(table_name || '.' || column_name || ':' || data_type, ',' ORDER BY table_name, column_name)
+                     FROM information_schema.columns WHERE table_schema = 'sync_ext'";
+    let upgraded: String = old.query_one(columns, &[]).unwrap().get(0);
+    let fresh: String = cluster.connect("fresh").query_one(columns, &[]).unwrap().get(0);
+    assert_eq!(upgraded, fresh, "an upgraded database has the schema of a fresh one");
+}
