@@ -37,3 +37,57 @@ unsafe impl BoxRet for JsonbDatum {
 }
 
 pgrx::impl_sql_translatable!(JsonbDatum, "jsonb");
+
+/// A jsonb argument as its JSON text, so the engine reads it with its own limits and errors
+/// (pgrx's `JsonB` argument would fail with an internal error on input serde cannot hold).
+pub struct JsonbText(pub String);
+
+impl FromDatum for JsonbText {
+    unsafe fn from_polymorphic_datum(datum: pg_sys::Datum, is_null: bool, _: pg_sys::Oid) -> Option<Self> {
+        if is_null {
+            return None;
+        }
+        // SAFETY: the datum is a jsonb (the function is declared with a jsonb argument); jsonb_out
+        // returns a palloc'd C string.
+        let text = unsafe { pgrx::fcinfo::direct_function_call::<&std::ffi::CStr>(pg_sys::jsonb_out, &[Some(datum)]) };
+        text.map(|text| JsonbText(text.to_string_lossy().into_owned()))
+    }
+}
+
+impl IntoDatum for JsonbText {
+    fn into_datum(self) -> Option<pg_sys::Datum> {
+        // SAFETY: jsonb_in parses text that jsonb_out wrote.
+        let text = std::ffi::CString::new(self.0).ok()?;
+        unsafe { pgrx::fcinfo::direct_function_call::<pg_sys::Datum>(pg_sys::jsonb_in, &[text.as_c_str().into_datum()]) }
+    }
+
+    fn type_oid() -> pg_sys::Oid {
+        pg_sys::JSONBOID
+    }
+}
+
+// SAFETY: unboxed through FromDatum, as pgrx does for its own argument types.
+unsafe impl<'fcx> pgrx::callconv::ArgAbi<'fcx> for JsonbText {
+    unsafe fn unbox_arg_unchecked(arg: pgrx::callconv::Arg<'_, 'fcx>) -> Self {
+        unsafe { arg.unbox_arg_using_from_datum().expect("a non-null jsonb argument") }
+    }
+}
+
+pgrx::impl_sql_translatable!(JsonbText, "jsonb");
+
+impl JsonbText {
+    /// Parses the JSON; input serde cannot hold (nesting deeper than 128 levels, numbers beyond the
+    /// range of a double) is an error naming `argument`.
+    pub fn parse(&self, argument: &'static str) -> Result<serde_json::Value, crate::errors::SyncError> {
+        serde_json::from_str(&self.0).map_err(|error| {
+            let problem = match error.to_string() {
+                text if text.starts_with("recursion limit exceeded") => "is nested more than 128 levels deep".to_owned(),
+                text if text.starts_with("number out of range") => {
+                    "holds a number beyond the range of double precision (send such numbers as strings)".to_owned()
+                }
+                text => format!("cannot be read: {text}"),
+            };
+            crate::errors::SyncError::InvalidArgument { argument, problem }
+        })
+    }
+}

@@ -39,6 +39,8 @@ pub(crate) static JWT_TENANT_CLAIM: GucSetting<Option<std::ffi::CString>> = GucS
 pub(crate) static MAX_CLOCK_SKEW_MS: GucSetting<i32> = GucSetting::<i32>::new(5 * 60 * 1000);
 /// `sync_ext.max_push_changes`: the most changes one push may carry.
 pub(crate) static MAX_PUSH_CHANGES: GucSetting<i32> = GucSetting::<i32>::new(10_000);
+/// `sync_ext.max_value_bytes`: the largest value one change may carry.
+pub(crate) static MAX_VALUE_BYTES: GucSetting<i32> = GucSetting::<i32>::new(1024 * 1024);
 /// `sync_ext.max_pull_changes`: the most changes one pull returns, whatever it asks for.
 pub(crate) static MAX_PULL_CHANGES: GucSetting<i32> = GucSetting::<i32>::new(10_000);
 
@@ -87,6 +89,13 @@ pub extern "C-unwind" fn _PG_init() {
         &MAX_PUSH_CHANGES,
         1_000_000,
         GucFlags::default(),
+    );
+    define_int(
+        c"sync_ext.max_value_bytes",
+        c"The largest value (in bytes of JSON) one pushed change may carry; a larger one is an error.",
+        &MAX_VALUE_BYTES,
+        i32::MAX,
+        GucFlags::UNIT_BYTE,
     );
     define_int(
         c"sync_ext.max_pull_changes",

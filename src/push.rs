@@ -8,18 +8,19 @@ use pgrx::spi::SpiClient;
 use pgrx::JsonB;
 use serde_json::Value;
 use sync_ext_protocol::hlc::wall_clock_millis;
-use sync_ext_protocol::{merge_batch, parse_changes, validate_tenant, BatchContext, BatchOutcome, Change, PushResponse, Status};
+use sync_ext_protocol::{change::Limits, merge_batch, parse_changes, validate_tenant, BatchContext, BatchOutcome, Change, PushResponse, Status};
 
 use crate::auth::{as_owner, authorize};
 use crate::errors::{SyncError, SyncResult};
+use crate::jsonb::JsonbText;
 use crate::models::{self, Model, PendingWrites};
 use crate::storage::{self, TenantState};
 
 /// Applies a batch of changes for `tenant` and returns one result per change plus the tenant's cursor.
 /// See the README for the change format and the merge rule.
 #[pg_extern(volatile, parallel_unsafe)]
-fn sync_push(tenant: &str, changes: JsonB) -> Result<JsonB, ErrorReport> {
-    let response = push(tenant, &changes.0)?;
+fn sync_push(tenant: &str, changes: JsonbText) -> Result<JsonB, ErrorReport> {
+    let response = push(tenant, &changes.parse("changes")?)?;
     Ok(JsonB(serde_json::to_value(response).expect("push responses serialize")))
 }
 
@@ -35,8 +36,11 @@ fn sync_push_msgpack(tenant: &str, changes: &[u8]) -> Result<Vec<u8>, ErrorRepor
 /// Validates, authorizes, merges and stores one batch: a handful of statements whatever its size.
 pub fn push(tenant: &str, body: &Value) -> SyncResult<PushResponse> {
     validate_tenant(tenant)?;
-    let max_changes = usize::try_from(crate::MAX_PUSH_CHANGES.get()).unwrap_or(0);
-    let mut changes = parse_changes(body, max_changes)?;
+    let limits = Limits {
+        max_changes: usize::try_from(crate::MAX_PUSH_CHANGES.get()).unwrap_or(0),
+        max_value_bytes: usize::try_from(crate::MAX_VALUE_BYTES.get()).unwrap_or(0),
+    };
+    let mut changes = parse_changes(body, &limits)?;
     authorize(tenant)?;
     if changes.is_empty() {
         let cursor = as_owner(|| Spi::connect(|client| storage::last_seq(client, tenant)))?;

@@ -64,13 +64,24 @@ pub struct Change {
     pub value: Option<Map<String, Value>>,
 }
 
-/// How a malformed input is classified (maps to SQLSTATE 22023 or 22P02 in the extension).
+/// How a malformed input is classified (maps to SQLSTATE 22023, 22P02 or 54000 in the extension).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum WireErrorKind {
     /// A missing field, a wrong JSON type, a value out of range.
     InvalidValue,
     /// A string that does not parse as what it must be (uuid, hlc).
     InvalidText,
+    /// A value larger than the server accepts.
+    TooLarge,
+}
+
+/// What the server accepts in one push.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// The most changes in one batch.
+    pub max_changes: usize,
+    /// The largest value of one change, in bytes of its JSON.
+    pub max_value_bytes: usize,
 }
 
 /// A malformed push, naming where: `changes[3].hlc: ...`.
@@ -116,8 +127,9 @@ fn check_name(location: &str, text: &str, max_bytes: usize) -> Result<(), WireEr
     Ok(())
 }
 
-/// Parses a push body: a JSON array of at most `max_changes` changes.
-pub fn parse_changes(input: &Value, max_changes: usize) -> Result<Vec<Change>, WireError> {
+/// Parses a push body: a JSON array of changes within `limits`.
+pub fn parse_changes(input: &Value, limits: &Limits) -> Result<Vec<Change>, WireError> {
+    let max_changes = limits.max_changes;
     let items = input
         .as_array()
         .ok_or_else(|| WireError::invalid("changes", format!("expected a JSON array, got {}", json_type(input))))?;
@@ -127,10 +139,27 @@ pub fn parse_changes(input: &Value, max_changes: usize) -> Result<Vec<Change>, W
             format!("{} changes exceed sync_ext.max_push_changes ({max_changes})", items.len()),
         ));
     }
-    items.iter().enumerate().map(|(index, item)| parse_change(index, item)).collect()
+    items.iter().enumerate().map(|(index, item)| parse_change(index, item, limits.max_value_bytes)).collect()
 }
 
-fn parse_change(index: usize, item: &Value) -> Result<Change, WireError> {
+/// The size of a value's compact JSON, counted without writing it (stops counting past `limit`).
+fn json_size(value: &Value, limit: usize) -> usize {
+    match value {
+        Value::Null | Value::Bool(_) => 5,
+        Value::Number(number) => number.to_string().len(),
+        Value::String(text) => text.len() + 2,
+        Value::Array(items) => items.iter().try_fold(2, |size, item| {
+            let size = size + json_size(item, limit) + 1;
+            if size > limit { Err(size) } else { Ok(size) }
+        }).unwrap_or_else(|size| size),
+        Value::Object(fields) => fields.iter().try_fold(2, |size, (name, item)| {
+            let size = size + name.len() + 4 + json_size(item, limit);
+            if size > limit { Err(size) } else { Ok(size) }
+        }).unwrap_or_else(|size| size),
+    }
+}
+
+fn parse_change(index: usize, item: &Value, max_value_bytes: usize) -> Result<Change, WireError> {
     let at = |field: &str| format!("changes[{index}].{field}");
     let object = item
         .as_object()
@@ -161,7 +190,17 @@ fn parse_change(index: usize, item: &Value) -> Result<Change, WireError> {
         (Op::Delete, Some(other)) => {
             return Err(WireError::invalid(at("value"), format!("a delete carries no value, got {}", json_type(other))))
         }
-        (_, Some(Value::Object(fields))) => Some(fields.clone()),
+        (_, Some(value @ Value::Object(fields))) => {
+            let size = json_size(value, max_value_bytes);
+            if size > max_value_bytes {
+                return Err(WireError {
+                    kind: WireErrorKind::TooLarge,
+                    location: at("value"),
+                    problem: format!("is over {max_value_bytes} bytes (sync_ext.max_value_bytes)"),
+                });
+            }
+            Some(fields.clone())
+        }
         (_, None) => return Err(WireError::invalid(at("value"), format!("is missing (an {} needs an object)", op.as_str()))),
         (_, Some(other)) => return Err(WireError::invalid(at("value"), format!("expected an object, got {}", json_type(other)))),
     };
@@ -239,18 +278,20 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    const LIMITS: Limits = Limits { max_changes: 100, max_value_bytes: 1000 };
+
     fn valid() -> Value {
         json!({"op_id": "7f1e8c3a-0000-4000-8000-000000000001", "model": "todo", "pk": "1", "op": "insert",
                "hlc": "2026-11-24T10:00:00.000Z-0001", "actor": "device-a", "value": {"title": "x"}})
     }
 
     fn error_of(change: Value) -> WireError {
-        parse_changes(&json!([valid(), change]), 100).unwrap_err()
+        parse_changes(&json!([valid(), change]), &LIMITS).unwrap_err()
     }
 
     #[test]
     fn parses_a_valid_change() {
-        let changes = parse_changes(&json!([valid()]), 100).unwrap();
+        let changes = parse_changes(&json!([valid()]), &LIMITS).unwrap();
         assert_eq!(changes[0].op, Op::Insert);
         assert_eq!(changes[0].value.as_ref().unwrap()["title"], "x");
     }
@@ -273,13 +314,17 @@ mod tests {
         let mut delete_with_value = valid();
         delete_with_value["op"] = json!("delete");
         assert_eq!(error_of(delete_with_value).location, "changes[1].value");
-        assert_eq!(parse_changes(&json!({}), 10).unwrap_err().location, "changes");
-        assert_eq!(parse_changes(&json!([valid(), valid()]), 1).unwrap_err().location, "changes");
+        assert_eq!(parse_changes(&json!({}), &LIMITS).unwrap_err().location, "changes");
+        let one = Limits { max_changes: 1, ..LIMITS };
+        assert_eq!(parse_changes(&json!([valid(), valid()]), &one).unwrap_err().location, "changes");
+        let mut large = valid();
+        large["value"] = json!({"blob": "x".repeat(2000)});
+        assert_eq!(error_of(large).kind, WireErrorKind::TooLarge);
     }
 
     #[test]
     fn payload_hash_ignores_key_order_and_op_id_but_not_content() {
-        let a = parse_changes(&json!([valid()]), 1).unwrap().remove(0);
+        let a = parse_changes(&json!([valid()]), &LIMITS).unwrap().remove(0);
         let mut b = a.clone();
         b.op_id = Uuid::nil();
         assert_eq!(a.payload_hash(), b.payload_hash());
