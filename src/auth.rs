@@ -16,10 +16,13 @@ pub fn authorize(tenant: &str) -> SyncResult<()> {
     if unsafe { pg_sys::superuser() } {
         return Ok(());
     }
-    let allowed = Spi::get_two_with_args::<bool, String>(
-        "SELECT sync_ext.may_access($1, current_user), current_user::text",
-        &[tenant.into()],
-    )?;
+    // Reads go through read-only SPI (pgrx's Spi::get_* helpers would assign a transaction id, which a
+    // hot standby refuses and which would cost every pull an xid on the primary).
+    let allowed = Spi::connect(|client| {
+        crate::plans::select(&client, "SELECT sync_ext.may_access($1, current_user), current_user::text", Some(1), &[tenant.into()])?
+            .first()
+            .get_two::<bool, String>()
+    })?;
     match allowed {
         (Some(true), _) => Ok(()),
         (_, role) => Err(SyncError::Forbidden { role: role.unwrap_or_default(), tenant: tenant.to_owned() }),
@@ -41,8 +44,10 @@ impl Drop for CallerIdentity {
 
 /// Runs `work` as the owner of the sync_ext extension.
 pub fn as_owner<T>(work: impl FnOnce() -> SyncResult<T>) -> SyncResult<T> {
-    let owner = Spi::get_one::<pg_sys::Oid>("SELECT extowner FROM pg_catalog.pg_extension WHERE extname = 'sync_ext'")?
-        .ok_or(SyncError::NotInstalled)?;
+    let owner = Spi::connect(|client| {
+        crate::plans::select(&client, "SELECT extowner FROM pg_catalog.pg_extension WHERE extname = 'sync_ext'", Some(1), &[])?.first().get_one::<pg_sys::Oid>()
+    })?
+    .ok_or(SyncError::NotInstalled)?;
     let (mut user, mut context) = (pg_sys::InvalidOid, 0);
     // SAFETY: the same protocol SECURITY DEFINER functions follow; the guard restores the identity.
     unsafe {

@@ -23,6 +23,7 @@ fn sync_compact(tenant: &str, keep: default!(Interval, "'7 days'")) -> Result<Js
 fn compact(tenant: &str, keep: Interval) -> SyncResult<serde_json::Value> {
     validate_tenant(tenant)?;
     authorize(tenant)?;
+    storage::require_primary("sync_compact")?;
     as_owner(|| {
         Spi::connect_mut(|client| {
             storage::lock_tenant(client, tenant)?;

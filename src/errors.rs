@@ -40,6 +40,9 @@ pub enum SyncError {
     /// The role may not access the tenant (42501).
     #[error("permission denied for tenant {tenant}: role {role} has no grant for it (see sync_grant_tenant)")]
     Forbidden { role: String, tenant: String },
+    /// A write sent to a hot standby (25006).
+    #[error("{function} writes, and this server is a read-only hot standby: send it to the primary")]
+    ReadOnlyStandby { function: &'static str },
     /// The extension is not installed in this database (55000).
     #[error("sync_ext is not installed in this database")]
     NotInstalled,
@@ -69,6 +72,7 @@ impl SyncError {
             SyncError::MissingTenant { .. } | SyncError::MissingKey { .. } => PgSqlErrorCode::ERRCODE_NOT_NULL_VIOLATION,
             SyncError::Forbidden { .. } => PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
             SyncError::NotInstalled => PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            SyncError::ReadOnlyStandby { .. } => PgSqlErrorCode::ERRCODE_READ_ONLY_SQL_TRANSACTION,
             SyncError::InvalidMessagePack { .. } => PgSqlErrorCode::ERRCODE_INVALID_TEXT_REPRESENTATION,
             SyncError::AlreadyRegistered { .. } => PgSqlErrorCode::ERRCODE_DUPLICATE_OBJECT,
             SyncError::UnknownModel { .. } => PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,

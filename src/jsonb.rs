@@ -1,4 +1,6 @@
-//! A jsonb value built by a query and handed back to the caller as is, without re-parsing it.
+//! jsonb values in and out of the engine with as few conversions as possible: a value built by a
+//! query is handed back as is, and Rust values are written to jsonb straight from their JSON text
+//! (pgrx's `JsonB` would first copy them into a `serde_json::Value`).
 
 use pgrx::callconv::{BoxRet, FcInfo};
 use pgrx::datum::Datum;
@@ -16,6 +18,33 @@ impl JsonbDatum {
         // SAFETY: jsonb is a varlena (by reference, length -1); SPI_datumTransfer copies it into the
         // context that was current at SPI_connect, the calling function's.
         Ok(Self(unsafe { pg_sys::SPI_datumTransfer(datum, false, -1) }))
+    }
+}
+
+impl JsonbDatum {
+    /// Writes a value as jsonb, through its JSON text.
+    pub fn from_serialize(value: &impl serde::Serialize) -> Self {
+        Self(jsonb_from_text(serde_json::to_string(value).expect("values serialize to JSON")))
+    }
+}
+
+/// Parses JSON text (as written by serde_json, so free of NUL bytes) into a jsonb datum.
+fn jsonb_from_text(text: String) -> pg_sys::Datum {
+    let text = std::ffi::CString::new(text).expect("JSON text holds no NUL byte");
+    // SAFETY: jsonb_in reads a C string and returns a palloc'd jsonb in the current memory context.
+    unsafe { pgrx::fcinfo::direct_function_call_as_datum(pg_sys::jsonb_in, &[text.as_c_str().into_datum()]) }.expect("jsonb_in returns a value")
+}
+
+/// A JSON object lent to an SPI argument, written as jsonb without being copied first.
+pub struct JsonbObject<'a>(pub &'a serde_json::Map<String, serde_json::Value>);
+
+impl IntoDatum for JsonbObject<'_> {
+    fn into_datum(self) -> Option<pg_sys::Datum> {
+        Some(jsonb_from_text(serde_json::to_string(self.0).expect("objects serialize to JSON")))
+    }
+
+    fn type_oid() -> pg_sys::Oid {
+        pg_sys::JSONBOID
     }
 }
 

@@ -18,6 +18,7 @@ mod compact;
 mod errors;
 mod jsonb;
 mod models;
+mod plans;
 mod pull;
 mod push;
 mod storage;

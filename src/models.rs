@@ -99,7 +99,8 @@ impl Model {
     /// Reads a table's shape and checks it can be synced: it has a primary key, every column maps
     /// to portable JSON, and the tenant column (if any) holds text.
     fn describe(client: &SpiClient<'_>, name: &str, table: pg_sys::Oid, tenant_column: Option<&str>, tenant: Option<&str>) -> SyncResult<Model> {
-        let shape = client.select(
+        let shape = crate::plans::select(
+            client,
             "SELECT c.oid::regclass::text, c.reltype, c.relkind::text,
                     (SELECT array_agg(a.attname::text ORDER BY k.ord)
                        FROM pg_index AS i, unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord), pg_attribute AS a
@@ -167,7 +168,8 @@ impl Model {
     }
 
     fn load(client: &SpiClient<'_>, condition: &str, argument: DatumWithOid<'_>) -> SyncResult<HashMap<String, Model>> {
-        let rows = client.select(
+        let rows = crate::plans::select(
+            client,
             &format!("SELECT model, table_name::oid, tenant_column::text, tenant FROM sync_ext.models WHERE {condition}"),
             None,
             &[argument],

@@ -6,6 +6,10 @@
 //! Each reset row carries its full merge registers (`field_stamps`, `deleted_hlc`) so the client merges
 //! later changes exactly as the server does. Mid-reset the cursor is negative (`-S`: rows through seq S
 //! sent); the last page ends at the tenant's last seq, from which ordinary pulls continue.
+//!
+//! On a hot standby a cursor above the last seq means the standby has not replayed that far yet (the
+//! client pulled from the primary or a faster standby before), so it gets an empty page and its own
+//! cursor back, and tries again later; restores are detected where pushes go, on the primary.
 
 use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::prelude::*;
@@ -17,43 +21,51 @@ use crate::auth::{as_owner, authorize};
 use crate::errors::{SyncError, SyncResult};
 use crate::jsonb::JsonbDatum;
 
-/// The page of a pull, built in one statement (so the mode, the horizon and the rows come from one snapshot).
+/// The page of a pull, built in one statement (so the mode, the horizon and the rows come from one
+/// snapshot). It reads one row more than the page holds, to tell whether more follow, and drops it from
+/// the aggregated array; the rows pass through no intermediate table.
 const PULL_PAGE: &str = "
 WITH t AS (
     SELECT coalesce(max(last_seq), 0) AS last_seq, coalesce(max(horizon), 0) AS horizon
       FROM sync_ext.tenants WHERE tenant_id = $1),
 mode AS (
-    SELECT ($2 < 0 OR $2 < t.horizon OR $2 > t.last_seq) AS reset,
+    SELECT ($2 < 0 OR $2 < t.horizon OR ($2 > t.last_seq AND NOT pg_is_in_recovery())) AS reset,
            CASE WHEN $2 < 0 THEN -$2 ELSE 0 END AS snapshot_after,
            t.last_seq
       FROM t),
-log_page AS (
-    SELECT o.seq, jsonb_build_object('seq', o.seq, 'op_id', o.op_id, 'model', o.model, 'pk', o.pk, 'op', o.op,
-                                     'hlc', o.hlc, 'actor', o.actor, 'value', o.payload) AS change
-      FROM sync_ext.op_log AS o
-     WHERE NOT (SELECT reset FROM mode) AND o.tenant_id = $1 AND o.seq > $2
-     ORDER BY o.seq
-     LIMIT $3 + 1),
-snapshot_page AS (
-    SELECT s.seq, jsonb_build_object('seq', s.seq, 'op_id', s.op_id, 'model', s.model, 'pk', s.id,
-                                     'op', CASE WHEN s.deleted THEN 'delete' ELSE 'insert' END,
-                                     'hlc', s.hlc, 'actor', s.actor,
-                                     'value', CASE WHEN s.deleted THEN NULL ELSE s.value END,
-                                     'field_stamps', s.field_stamps, 'deleted_hlc', s.deleted_hlc) AS change
-      FROM sync_ext.snapshots AS s
-     WHERE (SELECT reset FROM mode) AND s.tenant_id = $1 AND s.seq > (SELECT snapshot_after FROM mode)
-     ORDER BY s.seq
-     LIMIT $3 + 1),
-page AS (SELECT * FROM log_page UNION ALL SELECT * FROM snapshot_page),
-kept AS (SELECT * FROM page ORDER BY seq LIMIT $3)
+page AS (
+    SELECT count(*) AS fetched, jsonb_agg(change ORDER BY seq) AS changes
+      FROM (SELECT * FROM (
+                SELECT o.seq, jsonb_build_object('seq', o.seq, 'op_id', o.op_id, 'model', o.model, 'pk', o.pk, 'op', o.op,
+                                                 'hlc', o.hlc, 'actor', o.actor, 'value', o.payload) AS change
+                  FROM sync_ext.op_log AS o
+                 WHERE NOT (SELECT reset FROM mode) AND o.tenant_id = $1 AND o.seq > $2
+                 ORDER BY o.seq
+                 LIMIT $3 + 1) AS log_rows
+            UNION ALL
+            SELECT * FROM (
+                SELECT s.seq, jsonb_build_object('seq', s.seq, 'op_id', s.op_id, 'model', s.model, 'pk', s.id,
+                                                 'op', CASE WHEN s.deleted THEN 'delete' ELSE 'insert' END,
+                                                 'hlc', s.hlc, 'actor', s.actor,
+                                                 'value', CASE WHEN s.deleted THEN NULL ELSE s.value END,
+                                                 'field_stamps', s.field_stamps, 'deleted_hlc', s.deleted_hlc) AS change
+                  FROM sync_ext.snapshots AS s
+                 WHERE (SELECT reset FROM mode) AND s.tenant_id = $1 AND s.seq > (SELECT snapshot_after FROM mode)
+                 ORDER BY s.seq
+                 LIMIT $3 + 1) AS snapshot_rows) AS fetched_rows),
+kept AS (
+    SELECT fetched > $3 AS has_more,
+           CASE WHEN fetched > $3 THEN changes - $3 ELSE coalesce(changes, '[]') END AS changes,
+           (changes -> (least(fetched, $3) - 1)::int ->> 'seq')::bigint AS last_kept
+      FROM page)
 SELECT jsonb_build_object(
-           'changes', coalesce((SELECT jsonb_agg(change ORDER BY seq) FROM kept), '[]'::jsonb),
-           'cursor', CASE WHEN NOT mode.reset THEN coalesce((SELECT max(seq) FROM kept), $2)
-                          WHEN (SELECT count(*) FROM page) > $3 THEN -(SELECT max(seq) FROM kept)
+           'changes', kept.changes,
+           'cursor', CASE WHEN NOT mode.reset THEN coalesce(kept.last_kept, $2)
+                          WHEN kept.has_more THEN -kept.last_kept
                           ELSE mode.last_seq END,
-           'has_more', (SELECT count(*) FROM page) > $3)
+           'has_more', kept.has_more)
        || CASE WHEN mode.reset THEN '{\"reset\": true}'::jsonb ELSE '{}'::jsonb END
-  FROM mode";
+  FROM mode, kept";
 
 /// Returns `{"changes":[...],"cursor":N,"has_more":bool}` (plus `"reset":true` when the cursor cannot be
 /// continued from the log): at most `max_changes` changes after `since`. The body is built by one query
@@ -77,7 +89,7 @@ fn pull_page<T>(tenant: &str, since: i64, max_changes: i32, take: impl FnOnce(Sp
     }
     authorize(tenant)?;
     let limit = max_changes.min(crate::MAX_PULL_CHANGES.get().max(1));
-    as_owner(|| Spi::connect(|client| take(client.select(PULL_PAGE, Some(1), &[tenant.into(), since.into(), limit.into()])?)))
+    as_owner(|| Spi::connect(|client| take(crate::plans::select(&client, PULL_PAGE, Some(1), &[tenant.into(), since.into(), limit.into()])?)))
 }
 
 #[cfg(any(test, feature = "pg_test"))]

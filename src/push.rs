@@ -5,23 +5,22 @@ use std::collections::{BTreeSet, HashMap};
 use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
-use pgrx::JsonB;
 use serde_json::Value;
 use sync_ext_protocol::hlc::wall_clock_millis;
 use sync_ext_protocol::{change::Limits, merge_batch, parse_changes, validate_tenant, BatchContext, BatchOutcome, Change, PushResponse, Status};
 
 use crate::auth::{as_owner, authorize};
 use crate::errors::{SyncError, SyncResult};
-use crate::jsonb::JsonbText;
+use crate::jsonb::{JsonbDatum, JsonbText};
 use crate::models::{self, Model, PendingWrites};
 use crate::storage::{self, TenantState};
 
 /// Applies a batch of changes for `tenant` and returns one result per change plus the tenant's cursor.
 /// See the README for the change format and the merge rule.
 #[pg_extern(volatile, parallel_unsafe)]
-fn sync_push(tenant: &str, changes: JsonbText) -> Result<JsonB, ErrorReport> {
+fn sync_push(tenant: &str, changes: JsonbText) -> Result<JsonbDatum, ErrorReport> {
     let response = push(tenant, &changes.parse("changes")?)?;
-    Ok(JsonB(serde_json::to_value(response).expect("push responses serialize")))
+    Ok(JsonbDatum::from_serialize(&response))
 }
 
 /// `sync_push` with the changes and the response encoded as MessagePack (named fields).
@@ -46,6 +45,7 @@ pub fn push(tenant: &str, body: &Value) -> SyncResult<PushResponse> {
         let cursor = as_owner(|| Spi::connect(|client| storage::last_seq(client, tenant)))?;
         return Ok(PushResponse { cursor, results: Vec::new() });
     }
+    storage::require_primary("sync_push")?;
     as_owner(|| Spi::connect_mut(|client| {
         let state = storage::lock_tenant(client, tenant)?;
         let names: BTreeSet<&str> = changes.iter().map(|change| change.model.as_str()).collect();
@@ -99,11 +99,8 @@ fn store(client: &mut SpiClient<'_>, tenant: &str, state: &TenantState, changes:
     if outcome.appended.is_empty() {
         return Ok(());
     }
-    storage::append_ops(client, tenant, changes, &outcome.appended)?;
-    storage::save_rows(client, tenant, &outcome.rows)?;
     let newest = outcome.appended.iter().map(|entry| changes[entry.index].hlc).max();
-    storage::advance_tenant(client, tenant, outcome.last_seq, state.last_hlc.max(newest))?;
-    client.update("SELECT pg_notify('sync_ext', $1)", None, &[tenant.into()])?;
+    storage::write_batch(client, tenant, changes, outcome, state.last_hlc.max(newest))?;
     Ok(())
 }
 

@@ -6,10 +6,12 @@ use pgrx::datum::DatumWithOid;
 use pgrx::spi::SpiClient;
 use pgrx::JsonB;
 use serde_json::{Map, Value};
-use sync_ext_protocol::batch::{Appended, TouchedRow};
+use sync_ext_protocol::batch::{Appended, BatchOutcome, TouchedRow};
 use sync_ext_protocol::{Change, Hlc, LoggedOp, RowKey, RowState, Stamp, StoredRow};
 
 use crate::errors::{SyncError, SyncResult};
+use crate::jsonb::JsonbObject;
+use crate::plans;
 
 fn pg_uuid(id: &uuid::Uuid) -> pgrx::Uuid {
     pgrx::Uuid::from_bytes(*id.as_bytes())
@@ -21,8 +23,18 @@ fn rust_uuid(id: &pgrx::Uuid) -> uuid::Uuid {
 
 /// The tenant's last seq, without locking (0 for a tenant that never pushed).
 pub fn last_seq(client: &SpiClient<'_>, tenant: &str) -> SyncResult<i64> {
-    let table = client.select("SELECT last_seq FROM sync_ext.tenants WHERE tenant_id = $1", Some(1), &[tenant.into()])?;
+    let table = plans::select(client, "SELECT last_seq FROM sync_ext.tenants WHERE tenant_id = $1", Some(1), &[tenant.into()])?;
     Ok(if table.is_empty() { 0 } else { table.first().get_one::<i64>()?.unwrap_or(0) })
+}
+
+/// Fails with 25006 on a hot standby, before `function` tries to write (Postgres itself would fail later,
+/// with an internal error about transaction ids).
+pub fn require_primary(function: &'static str) -> SyncResult<()> {
+    // SAFETY: reads the backend's recovery state.
+    if unsafe { pgrx::pg_sys::RecoveryInProgress() } {
+        return Err(SyncError::ReadOnlyStandby { function });
+    }
+    Ok(())
 }
 
 /// A tenant's counters, read under its lock.
@@ -36,13 +48,13 @@ pub struct TenantState {
 /// Locks the tenant's counter row until the transaction ends (creating it on first use) and returns
 /// its counters. Pushes to one tenant run one after another from here on; other tenants never wait.
 pub fn lock_tenant(client: &mut SpiClient<'_>, tenant: &str) -> SyncResult<TenantState> {
-    let mut locked = client.update(
+    let mut locked = plans::update(client, 
         "SELECT last_seq, last_hlc FROM sync_ext.tenants WHERE tenant_id = $1 FOR NO KEY UPDATE",
         Some(1),
         &[tenant.into()],
     )?;
     if locked.is_empty() {
-        locked = client.update(
+        locked = plans::update(client, 
             "INSERT INTO sync_ext.tenants AS t (tenant_id) VALUES ($1)
              ON CONFLICT (tenant_id) DO UPDATE SET last_seq = t.last_seq
              RETURNING last_seq, last_hlc",
@@ -55,20 +67,10 @@ pub fn lock_tenant(client: &mut SpiClient<'_>, tenant: &str) -> SyncResult<Tenan
     Ok(TenantState { last_seq: last_seq.unwrap_or(0), last_hlc })
 }
 
-/// Records the tenant's new last seq, greatest hlc and push time.
-pub fn advance_tenant(client: &mut SpiClient<'_>, tenant: &str, last_seq: i64, last_hlc: Option<Hlc>) -> SyncResult<()> {
-    client.update(
-        "UPDATE sync_ext.tenants SET last_seq = $2, last_hlc = $3, last_push_at = now() WHERE tenant_id = $1",
-        None,
-        &[tenant.into(), last_seq.into(), last_hlc.map(|hlc| hlc.to_string()).into()],
-    )?;
-    Ok(())
-}
-
 /// The batch's op_ids that are already in the log.
 pub fn logged_ops(client: &SpiClient<'_>, tenant: &str, changes: &[Change]) -> SyncResult<HashMap<uuid::Uuid, LoggedOp>> {
     let op_ids: Vec<pgrx::Uuid> = changes.iter().map(|change| pg_uuid(&change.op_id)).collect();
-    let table = client.select(
+    let table = plans::select(client, 
         "SELECT op_id, seq, payload_hash FROM sync_ext.op_log WHERE tenant_id = $1 AND op_id = ANY($2)",
         None,
         &[tenant.into(), op_ids.into()],
@@ -89,7 +91,7 @@ pub fn logged_ops(client: &SpiClient<'_>, tenant: &str, changes: &[Change]) -> S
 pub fn load_rows(client: &SpiClient<'_>, tenant: &str, changes: &[Change]) -> SyncResult<HashMap<RowKey, RowState>> {
     let models: Vec<&str> = changes.iter().map(|change| change.model.as_str()).collect();
     let pks: Vec<&str> = changes.iter().map(|change| change.pk.as_str()).collect();
-    let table = client.select(
+    let table = plans::select(client, 
         "SELECT s.model, s.id, s.value, s.hlc, s.actor, s.op_id, s.deleted, s.deleted_hlc, s.field_stamps
            FROM (SELECT DISTINCT model, id FROM unnest($2::text[], $3::text[]) AS k(model, id)) AS k
            JOIN sync_ext.snapshots AS s ON s.tenant_id = $1 AND s.model = k.model AND s.id = k.id",
@@ -130,30 +132,23 @@ fn object_column(value: Option<JsonB>) -> Option<Map<String, Value>> {
     }
 }
 
-/// Appends the applied changes to the log in one statement.
-pub fn append_ops(client: &mut SpiClient<'_>, tenant: &str, changes: &[Change], appended: &[Appended]) -> SyncResult<()> {
-    let mut seqs = Vec::with_capacity(appended.len());
-    let mut op_ids = Vec::with_capacity(appended.len());
-    let mut models = Vec::with_capacity(appended.len());
-    let mut pks = Vec::with_capacity(appended.len());
-    let mut ops = Vec::with_capacity(appended.len());
-    let mut actors = Vec::with_capacity(appended.len());
-    let mut hlcs = Vec::with_capacity(appended.len());
-    let mut payloads = Vec::with_capacity(appended.len());
-    let mut hashes = Vec::with_capacity(appended.len());
-    for entry in appended {
-        let change = &changes[entry.index];
-        seqs.push(entry.seq);
-        op_ids.push(pg_uuid(&change.op_id));
-        models.push(change.model.as_str());
-        pks.push(change.pk.as_str());
-        ops.push(change.op.as_str());
-        actors.push(change.actor.as_str());
-        hlcs.push(change.hlc.to_string());
-        payloads.push(entry.payload.clone().map(|fields| JsonB(Value::Object(fields))));
-        hashes.push(entry.payload_hash.to_vec());
+/// Writes a batch's outcome in one statement: appends the applied changes to the log, saves the new
+/// states of the rows they changed, advances the tenant's counters and notifies listeners.
+///
+/// Every changed row's new state belongs to the last change that altered it, so both travel in one
+/// array row; a state whose value is exactly what that change logged is sent once.
+pub fn write_batch(client: &mut SpiClient<'_>, tenant: &str, changes: &[Change], outcome: &BatchOutcome, last_hlc: Option<Hlc>) -> SyncResult<()> {
+    let final_states: HashMap<i64, &TouchedRow> = outcome.rows.values().map(|touched| (touched.seq, touched)).collect();
+    let count = outcome.appended.len();
+    let mut log = LogColumns::with_capacity(count);
+    let mut rows = RowColumns::with_capacity(count);
+    for entry in &outcome.appended {
+        log.push(&changes[entry.index], entry);
+        rows.push(final_states.get(&entry.seq).and_then(|touched| StoredRow::from_state(&touched.state)), entry.payload.as_ref());
     }
-    let args: [DatumWithOid; 10] = [
+    let LogColumns { seqs, op_ids, models, pks, ops, actors, hlcs, payloads, hashes } = log;
+    let RowColumns { saved, values, hlcs: row_hlcs, actors: row_actors, op_ids: row_op_ids, deleted, deleted_hlcs, field_stamps } = rows;
+    let args: [DatumWithOid; 20] = [
         tenant.into(),
         seqs.into(),
         op_ids.into(),
@@ -164,66 +159,131 @@ pub fn append_ops(client: &mut SpiClient<'_>, tenant: &str, changes: &[Change], 
         hlcs.into(),
         payloads.into(),
         hashes.into(),
-    ];
-    client.update(
-        "INSERT INTO sync_ext.op_log (tenant_id, seq, op_id, model, pk, op, actor, hlc, updated_at, payload, payload_hash)
-         SELECT $1, seq, op_id, model, pk, op, actor, hlc, left(hlc, 23)::timestamp AT TIME ZONE 'UTC', payload, payload_hash
-           FROM unnest($2::bigint[], $3::uuid[], $4::text[], $5::text[], $6::text[], $7::text[], $8::text[], $9::jsonb[], $10::bytea[])
-                AS c(seq, op_id, model, pk, op, actor, hlc, payload, payload_hash)",
-        None,
-        &args,
-    )?;
-    Ok(())
-}
-
-/// Writes the new states of the changed rows in one statement.
-pub fn save_rows(client: &mut SpiClient<'_>, tenant: &str, rows: &HashMap<RowKey, TouchedRow>) -> SyncResult<()> {
-    let mut models = Vec::with_capacity(rows.len());
-    let mut ids = Vec::with_capacity(rows.len());
-    let mut values = Vec::with_capacity(rows.len());
-    let mut hlcs = Vec::with_capacity(rows.len());
-    let mut actors = Vec::with_capacity(rows.len());
-    let mut op_ids = Vec::with_capacity(rows.len());
-    let mut deleted = Vec::with_capacity(rows.len());
-    let mut deleted_hlcs = Vec::with_capacity(rows.len());
-    let mut field_stamps = Vec::with_capacity(rows.len());
-    let mut seqs = Vec::with_capacity(rows.len());
-    for ((model, id), touched) in rows {
-        let Some(stored) = StoredRow::from_state(&touched.state) else { continue };
-        models.push(model.as_str());
-        ids.push(id.as_str());
-        values.push(JsonB(Value::Object(stored.value)));
-        hlcs.push(stored.stamp.hlc.to_string());
-        actors.push(stored.stamp.actor);
-        op_ids.push(pg_uuid(&stored.stamp.op_id));
-        deleted.push(stored.deleted);
-        deleted_hlcs.push(stored.deleted_hlc.map(|hlc| hlc.to_string()));
-        field_stamps.push(JsonB(Value::Object(stored.field_stamps)));
-        seqs.push(touched.seq);
-    }
-    let args: [DatumWithOid; 11] = [
-        tenant.into(),
-        models.into(),
-        ids.into(),
+        saved.into(),
         values.into(),
-        hlcs.into(),
-        actors.into(),
-        op_ids.into(),
+        row_hlcs.into(),
+        row_actors.into(),
+        row_op_ids.into(),
         deleted.into(),
         deleted_hlcs.into(),
         field_stamps.into(),
-        seqs.into(),
+        outcome.last_seq.into(),
+        last_hlc.map(|hlc| hlc.to_string()).into(),
     ];
-    client.update(
-        "INSERT INTO sync_ext.snapshots AS s (tenant_id, model, id, value, hlc, actor, op_id, deleted, deleted_hlc, field_stamps, seq)
-         SELECT $1, * FROM unnest($2::text[], $3::text[], $4::jsonb[], $5::text[], $6::text[], $7::uuid[], $8::bool[],
-                                  $9::text[], $10::jsonb[], $11::bigint[])
-         ON CONFLICT (tenant_id, model, id) DO UPDATE SET
-             value = excluded.value, hlc = excluded.hlc, actor = excluded.actor, op_id = excluded.op_id,
-             deleted = excluded.deleted, deleted_hlc = excluded.deleted_hlc, field_stamps = excluded.field_stamps,
-             seq = excluded.seq",
-        None,
-        &args,
-    )?;
+    plans::update(client, WRITE_BATCH, None, &args)?;
     Ok(())
+}
+
+const WRITE_BATCH: &str = "
+WITH batch AS (
+    SELECT * FROM unnest($2::bigint[], $3::uuid[], $4::text[], $5::text[], $6::text[], $7::text[], $8::text[], $9::jsonb[],
+                         $10::bytea[], $11::bool[], $12::jsonb[], $13::text[], $14::text[], $15::uuid[], $16::bool[],
+                         $17::text[], $18::jsonb[])
+        AS b(seq, op_id, model, pk, op, actor, hlc, payload, payload_hash,
+             saved, row_value, row_hlc, row_actor, row_op_id, row_deleted, row_deleted_hlc, row_field_stamps)),
+logged AS (
+    INSERT INTO sync_ext.op_log (tenant_id, seq, op_id, model, pk, op, actor, hlc, updated_at, payload, payload_hash)
+    SELECT $1, seq, op_id, model, pk, op, actor, hlc, left(hlc, 23)::timestamp AT TIME ZONE 'UTC', payload, payload_hash
+      FROM batch),
+saved AS (
+    INSERT INTO sync_ext.snapshots AS s (tenant_id, model, id, value, hlc, actor, op_id, deleted, deleted_hlc, field_stamps, seq)
+    SELECT $1, model, pk, coalesce(row_value, payload), row_hlc, row_actor, row_op_id, row_deleted, row_deleted_hlc,
+           coalesce(row_field_stamps, '{}'), seq
+      FROM batch WHERE saved
+        ON CONFLICT (tenant_id, model, id) DO UPDATE SET
+           value = excluded.value, hlc = excluded.hlc, actor = excluded.actor, op_id = excluded.op_id,
+           deleted = excluded.deleted, deleted_hlc = excluded.deleted_hlc, field_stamps = excluded.field_stamps,
+           seq = excluded.seq),
+advanced AS (
+    UPDATE sync_ext.tenants SET last_seq = $19, last_hlc = $20, last_push_at = now() WHERE tenant_id = $1)
+SELECT pg_notify('sync_ext', $1)";
+
+/// The op log columns of a batch, as arrays.
+struct LogColumns<'a> {
+    seqs: Vec<i64>,
+    op_ids: Vec<pgrx::Uuid>,
+    models: Vec<&'a str>,
+    pks: Vec<&'a str>,
+    ops: Vec<&'a str>,
+    actors: Vec<&'a str>,
+    hlcs: Vec<String>,
+    payloads: Vec<Option<JsonbObject<'a>>>,
+    hashes: Vec<Vec<u8>>,
+}
+
+impl<'a> LogColumns<'a> {
+    fn with_capacity(count: usize) -> Self {
+        LogColumns {
+            seqs: Vec::with_capacity(count),
+            op_ids: Vec::with_capacity(count),
+            models: Vec::with_capacity(count),
+            pks: Vec::with_capacity(count),
+            ops: Vec::with_capacity(count),
+            actors: Vec::with_capacity(count),
+            hlcs: Vec::with_capacity(count),
+            payloads: Vec::with_capacity(count),
+            hashes: Vec::with_capacity(count),
+        }
+    }
+
+    fn push(&mut self, change: &'a Change, entry: &'a Appended) {
+        self.seqs.push(entry.seq);
+        self.op_ids.push(pg_uuid(&change.op_id));
+        self.models.push(&change.model);
+        self.pks.push(&change.pk);
+        self.ops.push(change.op.as_str());
+        self.actors.push(&change.actor);
+        self.hlcs.push(change.hlc.to_string());
+        self.payloads.push(entry.payload.as_ref().map(JsonbObject));
+        self.hashes.push(entry.payload_hash.to_vec());
+    }
+}
+
+/// The snapshot columns of a batch, aligned with its log entries: `saved` marks the entry whose change
+/// left a row in its final state; a NULL value means the change's payload, a NULL field_stamps `{}`.
+struct RowColumns {
+    saved: Vec<bool>,
+    values: Vec<Option<JsonB>>,
+    hlcs: Vec<Option<String>>,
+    actors: Vec<Option<String>>,
+    op_ids: Vec<Option<pgrx::Uuid>>,
+    deleted: Vec<Option<bool>>,
+    deleted_hlcs: Vec<Option<String>>,
+    field_stamps: Vec<Option<JsonB>>,
+}
+
+impl RowColumns {
+    fn with_capacity(count: usize) -> Self {
+        RowColumns {
+            saved: Vec::with_capacity(count),
+            values: Vec::with_capacity(count),
+            hlcs: Vec::with_capacity(count),
+            actors: Vec::with_capacity(count),
+            op_ids: Vec::with_capacity(count),
+            deleted: Vec::with_capacity(count),
+            deleted_hlcs: Vec::with_capacity(count),
+            field_stamps: Vec::with_capacity(count),
+        }
+    }
+
+    fn push(&mut self, stored: Option<StoredRow>, payload: Option<&Map<String, Value>>) {
+        self.saved.push(stored.is_some());
+        let Some(stored) = stored else {
+            self.values.push(None);
+            self.hlcs.push(None);
+            self.actors.push(None);
+            self.op_ids.push(None);
+            self.deleted.push(None);
+            self.deleted_hlcs.push(None);
+            self.field_stamps.push(None);
+            return;
+        };
+        self.values.push((payload != Some(&stored.value)).then(|| JsonB(Value::Object(stored.value))));
+        self.hlcs.push(Some(stored.stamp.hlc.to_string()));
+        self.actors.push(Some(stored.stamp.actor));
+        self.op_ids.push(Some(pg_uuid(&stored.stamp.op_id)));
+        self.deleted.push(Some(stored.deleted));
+        self.deleted_hlcs.push(stored.deleted_hlc.map(|hlc| hlc.to_string()));
+        self.field_stamps.push((!stored.field_stamps.is_empty()).then(|| JsonB(Value::Object(stored.field_stamps))));
+    }
 }

@@ -223,47 +223,58 @@ impl Change {
     /// with object keys sorted by their UTF-8 bytes, no whitespace, and `value` null for a delete.
     /// Two sends of one op_id are the same change exactly when their hashes are equal.
     pub fn payload_hash(&self) -> [u8; 32] {
-        let mut canonical = String::new();
-        let body = serde_json::json!({
-            "actor": self.actor,
-            "hlc": self.hlc.to_string(),
-            "model": self.model,
-            "op": self.op.as_str(),
-            "pk": self.pk,
-            "value": self.value,
-        });
-        write_canonical(&body, &mut canonical);
-        Sha256::digest(canonical.as_bytes()).into()
+        // The canonical form: {"actor":..,"hlc":..,"model":..,"op":..,"pk":..,"value":..}, keys in
+        // byte order at every level, no whitespace. Stored hashes depend on it: never change it.
+        let mut canonical = Vec::with_capacity(256);
+        let hlc = self.hlc.to_string();
+        let envelope = [("{\"actor\":", self.actor.as_str()), (",\"hlc\":", &hlc), (",\"model\":", &self.model), (",\"op\":", self.op.as_str()), (",\"pk\":", &self.pk)];
+        for (key, text) in envelope {
+            canonical.extend_from_slice(key.as_bytes());
+            write_json_string(text, &mut canonical);
+        }
+        canonical.extend_from_slice(b",\"value\":");
+        match &self.value {
+            Some(fields) => write_canonical_object(fields, &mut canonical),
+            None => canonical.extend_from_slice(b"null"),
+        }
+        canonical.push(b'}');
+        Sha256::digest(&canonical).into()
     }
 }
 
-fn write_canonical(value: &Value, out: &mut String) {
+fn write_json_string(text: &str, out: &mut Vec<u8>) {
+    serde_json::to_writer(out, text).expect("strings serialize");
+}
+
+fn write_canonical_object(map: &Map<String, Value>, out: &mut Vec<u8>) {
+    let mut entries: Vec<_> = map.iter().collect();
+    entries.sort_unstable_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
+    out.push(b'{');
+    for (position, (key, item)) in entries.into_iter().enumerate() {
+        if position > 0 {
+            out.push(b',');
+        }
+        write_json_string(key, out);
+        out.push(b':');
+        write_canonical(item, out);
+    }
+    out.push(b'}');
+}
+
+fn write_canonical(value: &Value, out: &mut Vec<u8>) {
     match value {
-        Value::Object(map) => {
-            let mut entries: Vec<_> = map.iter().collect();
-            entries.sort_unstable_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
-            out.push('{');
-            for (i, (key, item)) in entries.into_iter().enumerate() {
-                if i > 0 {
-                    out.push(',');
-                }
-                out.push_str(&Value::String(key.clone()).to_string());
-                out.push(':');
-                write_canonical(item, out);
-            }
-            out.push('}');
-        }
+        Value::Object(map) => write_canonical_object(map, out),
         Value::Array(items) => {
-            out.push('[');
-            for (i, item) in items.iter().enumerate() {
-                if i > 0 {
-                    out.push(',');
+            out.push(b'[');
+            for (position, item) in items.iter().enumerate() {
+                if position > 0 {
+                    out.push(b',');
                 }
                 write_canonical(item, out);
             }
-            out.push(']');
+            out.push(b']');
         }
-        scalar => out.push_str(&scalar.to_string()),
+        scalar => serde_json::to_writer(out, scalar).expect("scalars serialize"),
     }
 }
 
@@ -320,6 +331,18 @@ mod tests {
         let mut large = valid();
         large["value"] = json!({"blob": "x".repeat(2000)});
         assert_eq!(error_of(large).kind, WireErrorKind::TooLarge);
+    }
+
+    #[test]
+    fn payload_hash_is_the_sha256_of_the_canonical_form() {
+        let mut change = parse_changes(&json!([valid()]), &LIMITS).unwrap().remove(0);
+        change.value = Some(json!({"z": [1, "é\"", {"b": null, "a": 2.5}], "a": true}).as_object().unwrap().clone());
+        let canonical = format!(
+            r#"{{"actor":"{}","hlc":"{}","model":"{}","op":"{}","pk":"{}","value":{{"a":true,"z":[1,"é\"",{{"a":2.5,"b":null}}]}}}}"#,
+            change.actor, change.hlc, change.model, change.op, change.pk
+        );
+        let expected: [u8; 32] = Sha256::digest(canonical.as_bytes()).into();
+        assert_eq!(change.payload_hash(), expected);
     }
 
     #[test]

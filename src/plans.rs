@@ -1,0 +1,60 @@
+//! Statements parsed and planned once per backend and kept for its lifetime (`SPI_keepplan`).
+//!
+//! A push or a pull runs a handful of fixed statements; parsing and planning them on every call cost
+//! more than running them for small batches. Postgres re-plans a kept statement by itself when what it
+//! depends on changes (an `ALTER EXTENSION UPDATE`, a dropped index, another role for row security).
+//!
+//! They run with generic plans forced: left to choose, Postgres keeps planning the statements that
+//! take arrays anew for every small batch (a custom plan that knows the array's length looks cheaper),
+//! and the generic plans (index lookups per element) are the right ones at every batch size.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
+
+use pgrx::datum::DatumWithOid;
+use pgrx::spi::{OwnedPreparedStatement, SpiClient, SpiResult, SpiTupleTable};
+use pgrx::{pg_sys, PgOid};
+
+thread_local! {
+    static KEPT: RefCell<HashMap<String, Rc<OwnedPreparedStatement>>> = RefCell::new(HashMap::new());
+}
+
+/// The kept plan of `sql`, prepared on first use for the types of `args`.
+fn kept(client: &SpiClient<'_>, sql: &str, args: &[DatumWithOid<'_>]) -> SpiResult<Rc<OwnedPreparedStatement>> {
+    if let Some(plan) = KEPT.with_borrow(|kept| kept.get(sql).cloned()) {
+        return Ok(plan);
+    }
+    let types: Vec<PgOid> = args.iter().map(|arg| PgOid::from(arg.oid())).collect();
+    let plan = Rc::new(client.prepare(sql, &types)?.keep());
+    KEPT.with_borrow_mut(|kept| kept.insert(sql.to_owned(), plan.clone()));
+    Ok(plan)
+}
+
+/// Runs a read-only statement through its kept plan.
+pub fn select<'conn>(client: &SpiClient<'conn>, sql: &str, limit: Option<i64>, args: &[DatumWithOid<'_>]) -> SpiResult<SpiTupleTable<'conn>> {
+    let plan = kept(client, sql, args)?;
+    with_generic_plans(|| client.select(&*plan, limit, args))
+}
+
+/// Runs a statement that writes through its kept plan.
+pub fn update<'conn>(client: &mut SpiClient<'conn>, sql: &str, limit: Option<i64>, args: &[DatumWithOid<'_>]) -> SpiResult<SpiTupleTable<'conn>> {
+    let plan = kept(client, sql, args)?;
+    with_generic_plans(|| client.update(&*plan, limit, args))
+}
+
+/// Runs `execute` with `plan_cache_mode` forced to generic plans, restoring it afterwards (also when
+/// an error unwinds through here).
+fn with_generic_plans<T>(execute: impl FnOnce() -> T) -> T {
+    struct Restore(std::ffi::c_int);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            // SAFETY: a plain global of the backend, read by the planner; restoring the caller's value.
+            unsafe { pg_sys::plan_cache_mode = self.0 };
+        }
+    }
+    // SAFETY: as above; the backend is single-threaded.
+    let _restore = Restore(unsafe { pg_sys::plan_cache_mode });
+    unsafe { pg_sys::plan_cache_mode = pg_sys::PlanCacheMode::PLAN_CACHE_MODE_FORCE_GENERIC_PLAN as std::ffi::c_int };
+    execute()
+}
