@@ -63,7 +63,7 @@ use uuid::Uuid;
 
 pub use error::{Error, Result};
 pub use live::{LiveHandle, LiveOptions};
-pub use remote::{Encoding, PgRemote, Remote};
+pub use remote::{Encoding, PgRemote, ReadReplica, Remote};
 pub use store::{LocalRow, LocalStore, Transaction};
 pub use sync_ext_protocol as protocol;
 

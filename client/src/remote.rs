@@ -77,6 +77,26 @@ impl PgRemote {
     }
 }
 
+/// A [`Remote`] that pushes to a primary and pulls from one of its hot standbys, so pulls scale out
+/// with read replicas. A standby that lags answers "nothing new yet" (never a reset) for a cursor it
+/// has not reached. Notifications do not reach standbys: set [`crate::LiveOptions::listen_url`] to the primary.
+pub struct ReadReplica<P, R> {
+    /// Where pushes go.
+    pub primary: P,
+    /// Where pulls go.
+    pub replica: R,
+}
+
+impl<P: Remote, R: Remote> Remote for ReadReplica<P, R> {
+    async fn push(&self, tenant: &str, changes: &[Change]) -> Result<PushResponse> {
+        self.primary.push(tenant, changes).await
+    }
+
+    async fn pull(&self, tenant: &str, since: i64, max_changes: i32) -> Result<PullResponse> {
+        self.replica.pull(tenant, since, max_changes).await
+    }
+}
+
 /// Opens a tokio-postgres connection and drives it on the current runtime. The payloads of the
 /// notifications it receives are forwarded to the returned channel (dropping it is fine).
 pub(crate) async fn connect(url: &str) -> Result<(tokio_postgres::Client, mpsc::UnboundedReceiver<String>)> {

@@ -51,6 +51,16 @@ fn run_pg(bin: &Path, program: &str, args: &[&str]) {
     assert!(out.status.success(), "{} {args:?} failed:\n{}", program.display(), String::from_utf8_lossy(&out.stderr));
 }
 
+/// A temporary directory the server's OS user owns.
+fn server_dir(prefix: &str) -> TempDir {
+    let dir = tempfile::Builder::new().prefix(prefix).tempdir().expect("a temporary directory");
+    if running_as_root() {
+        let status = Command::new("chown").arg("postgres").arg(dir.path()).status().expect("chown");
+        assert!(status.success(), "chown postgres {}", dir.path().display());
+    }
+    dir
+}
+
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").and_then(|listener| listener.local_addr()).expect("a free loopback port").port()
 }
@@ -58,17 +68,32 @@ fn free_port() -> u16 {
 impl Cluster {
     /// Initializes and starts a cluster on a free loopback port.
     pub fn start() -> Cluster {
-        let dir = tempfile::Builder::new().prefix("sync_ext-cluster-").tempdir().expect("a temporary directory");
-        if running_as_root() {
-            let status = Command::new("chown").arg("postgres").arg(dir.path()).status().expect("chown");
-            assert!(status.success(), "chown postgres {}", dir.path().display());
-        }
+        Cluster::start_with(&[])
+    }
+
+    /// Like [`Cluster::start`], with extra `postgresql.conf` lines (`"shared_buffers = '1GB'"`).
+    pub fn start_with(settings: &[&str]) -> Cluster {
+        let dir = server_dir("sync_ext-cluster-");
         let bin = pg_bin_dir();
         let data = dir.path().join("data");
         run_pg(&bin, "initdb", &["-D", data.to_str().unwrap(), "-A", "trust", "-U", "postgres", "--no-sync", "-E", "UTF8"]);
+        if !settings.is_empty() {
+            let mut conf = std::fs::OpenOptions::new().append(true).open(data.join("postgresql.conf")).expect("postgresql.conf");
+            std::io::Write::write_all(&mut conf, format!("\n{}\n", settings.join("\n")).as_bytes()).expect("writing postgresql.conf");
+        }
         let cluster = Cluster { port: free_port(), dir, bin };
         cluster.pg_ctl(&["start", "-w", "-t", "60", "-l", cluster.log_path().to_str().unwrap()]);
         cluster
+    }
+
+    /// Starts a streaming-replication hot standby of this cluster (pg_basebackup) on its own port.
+    pub fn start_standby(&self) -> Cluster {
+        let dir = server_dir("sync_ext-standby-");
+        let data = dir.path().join("data");
+        self.run_tool("pg_basebackup", &["-D", data.to_str().unwrap(), "-R", "-X", "stream", "--no-sync", "--checkpoint=fast"]);
+        let standby = Cluster { port: free_port(), dir, bin: self.bin.clone() };
+        standby.pg_ctl(&["start", "-w", "-t", "60", "-l", standby.log_path().to_str().unwrap()]);
+        standby
     }
 
     fn log_path(&self) -> PathBuf {
