@@ -270,11 +270,18 @@ fn fill_history(client: &mut Client, tenant: &str, total: i64) {
                FROM sync_ext.op_log WHERE tenant_id = '{tenant}' AND seq >= {first};
              UPDATE sync_ext.tenants SET last_seq = {total}, last_hlc = (SELECT max(hlc) FROM sync_ext.op_log WHERE tenant_id = '{tenant}')
               WHERE tenant_id = '{tenant}';
-             COMMIT;
-             VACUUM ANALYZE sync_ext.op_log, sync_ext.snapshots, sync_ext.tenants;",
+             COMMIT;",
             first = from + 1
         ))
         .expect("filling the history");
+    settle(client);
+}
+
+/// Vacuums, analyzes and checkpoints, so that a measurement does not share the machine with the
+/// background work the previous one left behind.
+fn settle(client: &mut Client) {
+    client.batch_execute("VACUUM ANALYZE").expect("VACUUM ANALYZE");
+    client.batch_execute("CHECKPOINT").expect("CHECKPOINT");
 }
 
 /// One line of the scale table: milliseconds per push batch and per pull page at a log size.
@@ -398,6 +405,7 @@ fn push_section(url: &str, stamps: &Stamps) -> String {
         eprintln!("[bench]   {label}: {:.0} vs {:.0} changes/s", result.ours, result.plain);
         writeln!(report, "| {} | {:.0} | {:.0} | {} |", result.workload, result.ours, result.plain, ratio(result.ours, result.plain)).unwrap();
     }
+    settle(&mut connect(url));
     report
 }
 
@@ -409,6 +417,7 @@ fn pull_section(url: &str, stamps: &Stamps) -> String {
     create_tenant(&mut client, "pull");
     let push_statement = client.prepare(OUR_PUSH).unwrap();
     push_all(&mut client, &push_statement, "pull", &batches(stamps, Write::Insert, PULLED as usize, 1000));
+    settle(&mut client);
     let pull_statements: Vec<Statement> = PULL_KINDS.iter().map(|kind| client.prepare(kind.sql).unwrap()).collect();
     let mut rates = vec![Vec::new(); PULL_KINDS.len()];
     let mut bytes = vec![0; PULL_KINDS.len()];
