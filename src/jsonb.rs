@@ -19,16 +19,14 @@ impl JsonbDatum {
         // context that was current at SPI_connect, the calling function's.
         Ok(Self(unsafe { pg_sys::SPI_datumTransfer(datum, false, -1) }))
     }
-}
 
-impl JsonbDatum {
     /// Writes a value as jsonb, through its JSON text.
     pub fn from_serialize(value: &impl serde::Serialize) -> Self {
         Self(jsonb_from_text(serde_json::to_string(value).expect("values serialize to JSON")))
     }
 }
 
-/// Parses JSON text (as written by serde_json, so free of NUL bytes) into a jsonb datum.
+/// Parses JSON text (as serde_json writes it, so free of NUL bytes) into a jsonb datum.
 fn jsonb_from_text(text: String) -> pg_sys::Datum {
     let text = std::ffi::CString::new(text).expect("JSON text holds no NUL byte");
     // SAFETY: jsonb_in reads a C string and returns a palloc'd jsonb in the current memory context.
@@ -80,18 +78,6 @@ impl FromDatum for JsonbText {
         // returns a palloc'd C string.
         let text = unsafe { pgrx::fcinfo::direct_function_call::<&std::ffi::CStr>(pg_sys::jsonb_out, &[Some(datum)]) };
         text.map(|text| JsonbText(text.to_string_lossy().into_owned()))
-    }
-}
-
-impl IntoDatum for JsonbText {
-    fn into_datum(self) -> Option<pg_sys::Datum> {
-        // SAFETY: jsonb_in parses text that jsonb_out wrote.
-        let text = std::ffi::CString::new(self.0).ok()?;
-        unsafe { pgrx::fcinfo::direct_function_call::<pg_sys::Datum>(pg_sys::jsonb_in, &[text.as_c_str().into_datum()]) }
-    }
-
-    fn type_oid() -> pg_sys::Oid {
-        pg_sys::JSONBOID
     }
 }
 
