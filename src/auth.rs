@@ -1,61 +1,88 @@
-//! Who may sync which tenant, and running the engine's own reads and writes as the extension's owner.
+//! Who may sync which tenant.
 //!
-//! The SQL functions run with the caller's rights so that the caller can be checked
-//! (`sync_ext.may_access`: superuser, extension owner, or a member of a granted role, and the JWT
-//! claim when `sync_ext.jwt_tenant_claim` is set). Once allowed, the work on the sync tables runs as
-//! the extension's owner, so callers need no privileges on them. Postgres restores the caller's
-//! identity if the work fails, and [`as_owner`] restores it when the work returns.
+//! A superuser and the extension's owner may sync every tenant; any other role only the tenants granted
+//! (`sync_grant_tenant`) to a role it is a member of, and, when the `jwt_tenant_claim` setting names a
+//! claim, only while `request.jwt.claims` carries that claim equal to the tenant. The grants and the
+//! settings are read in one statement, by the engine (see [`crate::identity`]).
 
 use pgrx::prelude::*;
+use serde_json::Value;
 
 use crate::errors::{SyncError, SyncResult};
+use crate::identity::{as_engine, Engine};
+use crate::settings::Settings;
 
-/// Fails with 42501 unless the current role may access `tenant`.
-pub fn authorize(tenant: &str) -> SyncResult<()> {
-    // SAFETY: reads the current user's superuser flag from the catalog cache.
-    if unsafe { pg_sys::superuser() } {
-        return Ok(());
+/// Checks that the caller of the engine may access `tenant` and returns the settings in force.
+/// Fails with 42501 otherwise. Call it inside [`as_engine`].
+pub fn authorize(engine: &Engine, tenant: &str) -> SyncResult<Settings> {
+    let (settings, allowed) = access(engine, tenant)?;
+    if allowed {
+        return Ok(settings);
     }
-    // Reads go through read-only SPI (pgrx's Spi::get_* helpers would assign a transaction id, which a
-    // hot standby refuses and which would cost every pull an xid on the primary).
-    let allowed = Spi::connect(|client| {
-        crate::plans::select(&client, "SELECT sync_ext.may_access($1, current_user), current_user::text", Some(1), &[tenant.into()])?
-            .first()
-            .get_two::<bool, String>()
+    Err(SyncError::Forbidden { role: role_name(engine.caller), tenant: tenant.to_owned() })
+}
+
+/// The settings, and whether the caller may access `tenant`.
+fn access(engine: &Engine, tenant: &str) -> SyncResult<(Settings, bool)> {
+    engine.require_current_schema()?;
+    let (roles, names, values) = Spi::connect(|client| {
+        crate::plans::select(
+            &client,
+            "SELECT ARRAY(SELECT g.role::oid FROM sync_ext.grants AS g WHERE g.tenant_id = $1),
+                    ARRAY(SELECT s.name FROM sync_ext.settings AS s),
+                    ARRAY(SELECT s.value FROM sync_ext.settings AS s)",
+            Some(1),
+            &[tenant.into()],
+        )?
+        .first()
+        .get_three::<Vec<pg_sys::Oid>, Vec<String>, Vec<String>>()
     })?;
-    match allowed {
-        (Some(true), _) => Ok(()),
-        (_, role) => Err(SyncError::Forbidden { role: role.unwrap_or_default(), tenant: tenant.to_owned() }),
+    let settings = Settings::from_rows(names.unwrap_or_default(), values.unwrap_or_default())?;
+    let caller = engine.caller;
+    // SAFETY: catalog cache lookups of role membership.
+    let privileged = caller == engine.owner || unsafe { pg_sys::superuser_arg(caller) };
+    let granted = || roles.unwrap_or_default().into_iter().any(|role| unsafe { pg_sys::is_member_of_role(caller, role) });
+    let allowed = privileged || (granted() && settings.jwt_tenant_claim.as_deref().is_none_or(|claim| token_names(claim, tenant)));
+    Ok((settings, allowed))
+}
+
+/// Whether the request's JWT (`request.jwt.claims`, as PostgREST sets it) has `claim` equal to `tenant`.
+fn token_names(claim: &str, tenant: &str) -> bool {
+    // SAFETY: reads a configuration value as a C string owned by the GUC machinery, copied at once.
+    let claims = unsafe { pg_sys::GetConfigOption(c"request.jwt.claims".as_ptr(), true, false) };
+    if claims.is_null() {
+        return false;
+    }
+    // SAFETY: a non-null GUC value is a NUL-terminated string.
+    let claims = unsafe { std::ffi::CStr::from_ptr(claims) }.to_string_lossy();
+    match serde_json::from_str::<Value>(&claims).ok().as_ref().and_then(|claims| claims.get(claim)) {
+        Some(Value::String(value)) => value == tenant,
+        Some(Value::Number(value)) => value.to_string() == tenant,
+        _ => false,
     }
 }
 
-/// Restores the caller's identity when dropped (also while unwinding from an error).
-struct CallerIdentity {
-    user: pg_sys::Oid,
-    context: i32,
+fn role_name(role: pg_sys::Oid) -> String {
+    // SAFETY: a catalog cache lookup; NULL when the role is gone.
+    let name = unsafe { pg_sys::GetUserNameFromId(role, true) };
+    if name.is_null() {
+        return role.to_u32().to_string();
+    }
+    // SAFETY: a palloc'd NUL-terminated name.
+    unsafe { std::ffi::CStr::from_ptr(name) }.to_string_lossy().into_owned()
 }
 
-impl Drop for CallerIdentity {
-    fn drop(&mut self) {
-        // SAFETY: puts back the identity saved when switching.
-        unsafe { pg_sys::SetUserIdAndSecContext(self.user, self.context) };
-    }
-}
+/// Functions of the `sync_ext` schema.
+#[pg_schema]
+mod sync_ext {
+    use pgrx::prelude::*;
 
-/// Runs `work` as the owner of the sync_ext extension.
-pub fn as_owner<T>(work: impl FnOnce() -> SyncResult<T>) -> SyncResult<T> {
-    let owner = Spi::connect(|client| {
-        crate::plans::select(&client, "SELECT extowner FROM pg_catalog.pg_extension WHERE extname = 'sync_ext'", Some(1), &[])?.first().get_one::<pg_sys::Oid>()
-    })?
-    .ok_or(SyncError::NotInstalled)?;
-    let (mut user, mut context) = (pg_sys::InvalidOid, 0);
-    // SAFETY: the same protocol SECURITY DEFINER functions follow; the guard restores the identity.
-    unsafe {
-        pg_sys::GetUserIdAndSecContext(&mut user, &mut context);
-        pg_sys::SetUserIdAndSecContext(owner, context | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32);
+    /// Whether the current role may sync (and read the rows of) `tenant`. The row-level security
+    /// policies of `sync_ext.op_log` and `sync_ext.snapshots` use it.
+    #[pg_extern(stable, parallel_safe)]
+    fn may_access(tenant: &str) -> Result<bool, pgrx::pg_sys::panic::ErrorReport> {
+        Ok(super::as_engine(|engine| super::access(engine, tenant))?.1)
     }
-    let _caller = CallerIdentity { user, context };
-    work()
 }
 
 #[cfg(any(test, feature = "pg_test"))]
@@ -83,7 +110,8 @@ mod tests {
         assert_eq!(as_role("app_user", "SELECT sync_compact('acme')"), denied);
         assert_eq!(as_role("app_user", "SELECT count(*) FROM sync_ext.op_log"), "42501: permission denied for table op_log");
         assert_eq!(as_role("app_user", "SELECT count(*) FROM sync_ext.snapshots"), "42501: permission denied for table snapshots");
-        assert_eq!(as_role("app_user", "SELECT sync_grant_tenant('app_user', 'acme')"), "42501: permission denied for table grants");
+        assert_eq!(as_role("app_user", "SELECT sync_grant_tenant('app_user', 'acme')"), "42501: permission denied for function sync_grant_tenant");
+        assert_eq!(as_role("app_user", "SELECT sync_ext.may_access('acme')"), "no error", "a role may ask about itself");
         assert_eq!(Spi::get_one::<i64>("SELECT count(*) FROM sync_ext.op_log").unwrap(), Some(1), "nothing was pushed");
     }
 
@@ -106,7 +134,7 @@ mod tests {
     #[pg_test]
     fn the_jwt_claim_must_name_the_tenant_when_configured() {
         Spi::run("CREATE ROLE web_user NOLOGIN; SELECT sync_grant_tenant('web_user', 'acme'); SELECT sync_grant_tenant('web_user', 'globex')").unwrap();
-        Spi::run("SET LOCAL sync_ext.jwt_tenant_claim = 'org'").unwrap();
+        Spi::run("SELECT sync_configure('jwt_tenant_claim', 'org')").unwrap();
         Spi::run(r#"SET LOCAL request.jwt.claims = '{"sub": "u1", "org": "acme"}'"#).unwrap();
         assert_eq!(as_role("web_user", "SELECT sync_pull('acme', 0)"), "no error");
         assert!(as_role("web_user", "SELECT sync_pull('globex', 0)").starts_with("42501"), "granted, but not the tenant of the token");

@@ -5,7 +5,9 @@
 //! `sync_ext.actor`, logged in the same transaction so clients pull it like any pushed change.
 
 use std::collections::BTreeMap;
+use std::convert::Infallible;
 
+use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
 use pgrx::AnyArray;
@@ -13,29 +15,95 @@ use serde_json::{Map, Value};
 use sync_ext_protocol::{Change, HlcClock, Op};
 
 use crate::errors::{SyncError, SyncResult};
+use crate::identity::as_engine;
 use crate::models::{applying_push, Model};
 use crate::push::store_batch;
 use crate::storage;
 use crate::types::{number_mode, Codec};
 
-/// Functions internal to the engine, in the `sync_ext` schema.
-#[pg_schema]
-mod sync_ext {
-    use pgrx::prelude::*;
-    use pgrx::AnyArray;
-
-    /// Called by the capture triggers of a registered table with the rows a statement replaced and wrote.
-    #[pg_extern(volatile, parallel_unsafe)]
-    fn capture_rows(table: pg_sys::Oid, old_rows: Option<AnyArray>, new_rows: Option<AnyArray>) -> Result<(), pgrx::pg_sys::panic::ErrorReport> {
-        if super::applying_push() {
-            return Ok(());
+/// The capture trigger of a registered table (`sync_ext.capture_insert`, `_update` and `_delete` are
+/// this function): logs the rows one statement inserted, updated or deleted, read from its transition
+/// tables. A trigger function cannot be called directly.
+#[pg_trigger(sql = false)]
+fn capture<'a>(trigger: &'a PgTrigger<'a>) -> Result<Option<PgHeapTuple<'a, AllocatedByPostgres>>, Infallible> {
+    if !applying_push() {
+        if let Err(error) = capture_statement(trigger) {
+            ErrorReport::from(error).report(PgLogLevel::ERROR);
         }
-        Ok(super::capture(table, old_rows, new_rows)?)
     }
+    Ok(None)
+}
+
+/// The capture entry point of sync_ext 0.1.0 and 0.2.0 (`sync_ext.capture_rows`, called by their
+/// PL/pgSQL triggers), so that writes keep being captured between installing this library and
+/// `ALTER EXTENSION sync_ext UPDATE`, which drops it (this version declares no SQL function for it).
+#[pg_extern(sql = false)]
+fn capture_rows(table: pg_sys::Oid, old_rows: Option<AnyArray>, new_rows: Option<AnyArray>) -> Result<(), ErrorReport> {
+    if applying_push() {
+        return Ok(());
+    }
+    Ok(as_engine(|_| {
+        Spi::connect_mut(|client| {
+            let Some(model) = Model::load_for_table(client, table)? else { return Ok(()) };
+            let (old, new) = (captured_rows(&model, old_rows)?, captured_rows(&model, new_rows)?);
+            log_rows(client, &model, old, new)
+        })
+    })?)
+}
+
+fn capture_statement(trigger: &PgTrigger<'_>) -> SyncResult<()> {
+    let transition_table = |name: Option<&str>| name.map(crate::models::quote_identifier);
+    let old = transition_table(trigger.old_transition_table_name().unwrap_or_default());
+    let new = transition_table(trigger.new_transition_table_name().unwrap_or_default());
+    let data = trigger.trigger_data() as *const pg_sys::TriggerData as *mut pg_sys::TriggerData;
+    as_engine(|_| {
+        Spi::connect_mut(|client| {
+            // SAFETY: makes this trigger's transition tables visible to the statements of this connection.
+            unsafe { pg_sys::SPI_register_trigger_data(data) };
+            let Some(model) = Model::load_for_table(client, trigger.relid().expect("a trigger has a table"))? else { return Ok(()) };
+            let (old, new) = (relation_rows(client, &model, old.as_deref())?, relation_rows(client, &model, new.as_deref())?);
+            log_rows(client, &model, old, new)
+        })
+    })
+}
+
+/// Logs the difference between the `old` rows (replaced or deleted) and the `new` rows (written) of
+/// one statement as server changes of `model`. Run by the engine.
+pub fn log_rows(client: &mut SpiClient<'_>, model: &Model, old: Vec<CapturedRow>, new: Vec<CapturedRow>) -> SyncResult<()> {
+    let mut old: BTreeMap<(String, String), Map<String, Value>> = old.into_iter().map(|row| ((row.tenant, row.pk), row.columns)).collect();
+    let mut drafts: BTreeMap<String, Vec<Draft>> = BTreeMap::new();
+    for row in new {
+        let draft = match old.remove(&(row.tenant.clone(), row.pk.clone())) {
+            Some(before) => {
+                let changed: Map<String, Value> = row.columns.into_iter().filter(|(name, value)| before.get(name) != Some(value)).collect();
+                if changed.is_empty() {
+                    continue;
+                }
+                Draft { pk: row.pk, op: Op::Update, value: Some(changed) }
+            }
+            None => Draft { pk: row.pk, op: Op::Insert, value: Some(row.columns) },
+        };
+        drafts.entry(row.tenant).or_default().push(draft);
+    }
+    for ((tenant, pk), _) in old {
+        drafts.entry(tenant).or_default().push(Draft { pk, op: Op::Delete, value: None });
+    }
+    for (tenant, drafts) in drafts {
+        commit_server_changes(client, &tenant, &model.name, drafts)?;
+    }
+    Ok(())
+}
+
+/// The rows of a relation (a transition table or the model's table) as captured rows.
+pub fn relation_rows(client: &SpiClient<'_>, model: &Model, relation: Option<&str>) -> SyncResult<Vec<CapturedRow>> {
+    let Some(relation) = relation else { return Ok(Vec::new()) };
+    // `r.*` is the whole row whatever the table's columns are named.
+    let rows = client.select(&format!("SELECT pg_catalog.array_agg(r.*) FROM {relation} AS r"), Some(1), &[])?;
+    captured_rows(model, rows.first().get_one::<AnyArray>()?)
 }
 
 /// A captured row: its tenant, wire pk and portable columns (the tenant column left out).
-struct CapturedRow {
+pub struct CapturedRow {
     tenant: String,
     pk: String,
     columns: Map<String, Value>,
@@ -67,36 +135,6 @@ pub struct Draft {
     pub value: Option<Map<String, Value>>,
 }
 
-fn capture(table: pg_sys::Oid, old_rows: Option<AnyArray>, new_rows: Option<AnyArray>) -> SyncResult<()> {
-    crate::auth::as_owner(|| Spi::connect_mut(|client| {
-        let Some(model) = Model::load_for_table(client, table)? else { return Ok(()) };
-        let mut old: BTreeMap<(String, String), Map<String, Value>> =
-            captured_rows(&model, old_rows)?.into_iter().map(|row| ((row.tenant, row.pk), row.columns)).collect();
-        let mut drafts: BTreeMap<String, Vec<Draft>> = BTreeMap::new();
-        for row in captured_rows(&model, new_rows)? {
-            let draft = match old.remove(&(row.tenant.clone(), row.pk.clone())) {
-                Some(before) => {
-                    let changed: Map<String, Value> =
-                        row.columns.into_iter().filter(|(name, value)| before.get(name) != Some(value)).collect();
-                    if changed.is_empty() {
-                        continue;
-                    }
-                    Draft { pk: row.pk, op: Op::Update, value: Some(changed) }
-                }
-                None => Draft { pk: row.pk, op: Op::Insert, value: Some(row.columns) },
-            };
-            drafts.entry(row.tenant).or_default().push(draft);
-        }
-        for ((tenant, pk), _) in old {
-            drafts.entry(tenant).or_default().push(Draft { pk, op: Op::Delete, value: None });
-        }
-        for (tenant, drafts) in drafts {
-            commit_server_changes(client, &tenant, &model.name, drafts)?;
-        }
-        Ok(())
-    }))
-}
-
 /// Logs changes made by the server for one tenant: stamped after every hlc the tenant has seen, so
 /// they win over every change already applied, as a write made later should.
 pub fn commit_server_changes(client: &mut SpiClient<'_>, tenant: &str, model: &str, drafts: Vec<Draft>) -> SyncResult<()> {
@@ -116,6 +154,6 @@ pub fn commit_server_changes(client: &mut SpiClient<'_>, tenant: &str, model: &s
             value: draft.value,
         })
         .collect();
-    store_batch(client, tenant, &state, &changes, Default::default())?;
+    store_batch(client, tenant, &state, &changes, Default::default(), i32::MAX)?;
     Ok(())
 }

@@ -6,7 +6,8 @@ use pgrx::prelude::*;
 use pgrx::JsonB;
 use sync_ext_protocol::validate_tenant;
 
-use crate::auth::{as_owner, authorize};
+use crate::auth::authorize;
+use crate::identity::as_engine;
 use crate::errors::SyncResult;
 use crate::storage;
 
@@ -22,9 +23,9 @@ fn sync_compact(tenant: &str, keep: default!(Interval, "'7 days'")) -> Result<Js
 
 fn compact(tenant: &str, keep: Interval) -> SyncResult<serde_json::Value> {
     validate_tenant(tenant)?;
-    authorize(tenant)?;
-    storage::require_primary("sync_compact")?;
-    as_owner(|| {
+    as_engine(|engine| {
+        authorize(engine, tenant)?;
+        storage::require_primary("sync_compact")?;
         Spi::connect_mut(|client| {
             storage::lock_tenant(client, tenant)?;
             let result = client.update(

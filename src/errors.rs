@@ -46,12 +46,18 @@ pub enum SyncError {
     /// The extension is not installed in this database (55000).
     #[error("sync_ext is not installed in this database")]
     NotInstalled,
+    /// The extension's SQL objects are older than its library (55000).
+    #[error("sync_ext's SQL objects are at version {schema} and its library at {library}: run ALTER EXTENSION sync_ext UPDATE")]
+    OutdatedSchema { schema: String, library: &'static str },
     /// A MessagePack body that does not decode (22P02).
     #[error("{argument}: not valid MessagePack: {problem}")]
     InvalidMessagePack { argument: &'static str, problem: String },
     /// A stored row that does not decode: the sync tables were edited by hand (XX001).
     #[error("sync_ext.snapshots row ({model}, {id}) is corrupt: {problem}")]
     CorruptSnapshot { model: String, id: String, problem: String },
+    /// A push body over the `max_push_bytes` setting (54000).
+    #[error("{argument}: the body is {size} bytes, over max_push_bytes ({max})")]
+    BodyTooLarge { argument: &'static str, size: usize, max: i32 },
     /// An SPI failure (XX000).
     #[error("internal SPI error: {0}")]
     Spi(#[from] pgrx::spi::Error),
@@ -63,7 +69,9 @@ impl SyncError {
             SyncError::Wire(WireError { kind: WireErrorKind::InvalidText, .. }) => {
                 PgSqlErrorCode::ERRCODE_INVALID_TEXT_REPRESENTATION
             }
-            SyncError::Wire(WireError { kind: WireErrorKind::TooLarge, .. }) => PgSqlErrorCode::ERRCODE_PROGRAM_LIMIT_EXCEEDED,
+            SyncError::Wire(WireError { kind: WireErrorKind::TooLarge, .. }) | SyncError::BodyTooLarge { .. } => {
+                PgSqlErrorCode::ERRCODE_PROGRAM_LIMIT_EXCEEDED
+            }
             SyncError::Wire(_) | SyncError::InvalidArgument { .. } => PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
             SyncError::UnsupportedType { .. } | SyncError::UnsupportedColumn { .. } => {
                 PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED
@@ -71,7 +79,7 @@ impl SyncError {
             SyncError::InvalidPortable { .. } => PgSqlErrorCode::ERRCODE_INVALID_TEXT_REPRESENTATION,
             SyncError::MissingTenant { .. } | SyncError::MissingKey { .. } => PgSqlErrorCode::ERRCODE_NOT_NULL_VIOLATION,
             SyncError::Forbidden { .. } => PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
-            SyncError::NotInstalled => PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            SyncError::NotInstalled | SyncError::OutdatedSchema { .. } => PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
             SyncError::ReadOnlyStandby { .. } => PgSqlErrorCode::ERRCODE_READ_ONLY_SQL_TRANSACTION,
             SyncError::InvalidMessagePack { .. } => PgSqlErrorCode::ERRCODE_INVALID_TEXT_REPRESENTATION,
             SyncError::AlreadyRegistered { .. } => PgSqlErrorCode::ERRCODE_DUPLICATE_OBJECT,

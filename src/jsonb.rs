@@ -7,6 +7,8 @@ use pgrx::datum::Datum;
 use pgrx::prelude::*;
 use pgrx::spi::SpiTupleTable;
 
+use crate::errors::SyncError;
+
 /// A jsonb datum in the memory context of the calling function.
 pub struct JsonbDatum(pg_sys::Datum);
 
@@ -65,36 +67,57 @@ unsafe impl BoxRet for JsonbDatum {
 
 pgrx::impl_sql_translatable!(JsonbDatum, "jsonb");
 
-/// A jsonb argument as its JSON text, so the engine reads it with its own limits and errors
-/// (pgrx's `JsonB` argument would fail with an internal error on input serde cannot hold).
-pub struct JsonbText(pub String);
+/// A varlena argument (a push's body) taken as its datum, so that its size can be checked before any
+/// work is spent on reading it.
+pub struct Body(pg_sys::Datum);
 
-impl FromDatum for JsonbText {
-    unsafe fn from_polymorphic_datum(datum: pg_sys::Datum, is_null: bool, _: pg_sys::Oid) -> Option<Self> {
-        if is_null {
-            return None;
+impl Body {
+    /// Fails with 54000 when the body is over `max` bytes (its size in memory, before any parsing).
+    pub fn check_size(&self, argument: &'static str, max: i32) -> Result<(), SyncError> {
+        // SAFETY: the datum is a non-null varlena argument; this reads its header (or its TOAST pointer).
+        let size = unsafe { pg_sys::toast_raw_datum_size(self.0) };
+        if size > usize::try_from(max).unwrap_or(0) {
+            return Err(SyncError::BodyTooLarge { argument, size, max });
         }
-        // SAFETY: the datum is a jsonb (the function is declared with a jsonb argument); jsonb_out
-        // returns a palloc'd C string.
-        let text = unsafe { pgrx::fcinfo::direct_function_call::<&std::ffi::CStr>(pg_sys::jsonb_out, &[Some(datum)]) };
-        text.map(|text| JsonbText(text.to_string_lossy().into_owned()))
+        Ok(())
     }
 }
 
-// SAFETY: unboxed through FromDatum, as pgrx does for its own argument types.
-unsafe impl<'fcx> pgrx::callconv::ArgAbi<'fcx> for JsonbText {
-    unsafe fn unbox_arg_unchecked(arg: pgrx::callconv::Arg<'_, 'fcx>) -> Self {
-        unsafe { arg.unbox_arg_using_from_datum().expect("a non-null jsonb argument") }
-    }
+/// Declares a newtype of [`Body`] as a function argument of SQL type `$sql`.
+macro_rules! body_argument {
+    ($name:ident, $sql:literal) => {
+        #[doc = concat!("A ", $sql, " argument taken as a [`Body`].")]
+        pub struct $name(pub Body);
+
+        impl FromDatum for $name {
+            unsafe fn from_polymorphic_datum(datum: pg_sys::Datum, is_null: bool, _: pg_sys::Oid) -> Option<Self> {
+                (!is_null).then(|| $name(Body(datum)))
+            }
+        }
+
+        // SAFETY: unboxed through FromDatum, as pgrx does for its own argument types.
+        unsafe impl<'fcx> pgrx::callconv::ArgAbi<'fcx> for $name {
+            unsafe fn unbox_arg_unchecked(arg: pgrx::callconv::Arg<'_, 'fcx>) -> Self {
+                unsafe { arg.unbox_arg_using_from_datum().expect(concat!("a non-null ", $sql, " argument")) }
+            }
+        }
+
+        pgrx::impl_sql_translatable!($name, $sql);
+    };
 }
 
-pgrx::impl_sql_translatable!(JsonbText, "jsonb");
+body_argument!(JsonbBody, "jsonb");
+body_argument!(ByteaBody, "bytea");
 
-impl JsonbText {
+impl JsonbBody {
     /// Parses the JSON; input serde cannot hold (nesting deeper than 128 levels, numbers beyond the
     /// range of a double) is an error naming `argument`.
-    pub fn parse(&self, argument: &'static str) -> Result<serde_json::Value, crate::errors::SyncError> {
-        serde_json::from_str(&self.0).map_err(|error| {
+    pub fn parse(&self, argument: &'static str) -> Result<serde_json::Value, SyncError> {
+        // SAFETY: the datum is a jsonb (the function is declared with a jsonb argument); jsonb_out
+        // returns a palloc'd C string.
+        let text = unsafe { pgrx::fcinfo::direct_function_call::<&std::ffi::CStr>(pg_sys::jsonb_out, &[Some(self.0 .0)]) };
+        let text = text.map(|text| text.to_string_lossy()).unwrap_or_default();
+        serde_json::from_str(&text).map_err(|error| {
             let problem = match error.to_string() {
                 text if text.starts_with("recursion limit exceeded") => "is nested more than 128 levels deep".to_owned(),
                 text if text.starts_with("number out of range") => {
@@ -102,7 +125,15 @@ impl JsonbText {
                 }
                 text => format!("cannot be read: {text}"),
             };
-            crate::errors::SyncError::InvalidArgument { argument, problem }
+            SyncError::InvalidArgument { argument, problem }
         })
+    }
+}
+
+impl ByteaBody {
+    /// The bytes, detoasted.
+    pub fn bytes(&self) -> &[u8] {
+        // SAFETY: the datum is a non-null bytea; the slice lives in the function's memory context.
+        unsafe { <&[u8]>::from_datum(self.0 .0, false) }.unwrap_or_default()
     }
 }

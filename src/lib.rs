@@ -7,8 +7,6 @@
 // SQL functions return pgrx's ErrorReport, which carries the SQLSTATE; its size is pgrx's choice.
 #![allow(clippy::result_large_err)]
 
-use std::ffi::CStr;
-
 use pgrx::prelude::*;
 use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting, PostgresGucEnum};
 
@@ -16,11 +14,13 @@ mod auth;
 mod capture;
 mod compact;
 mod errors;
+mod identity;
 mod jsonb;
 mod models;
 mod plans;
 mod pull;
 mod push;
+mod settings;
 mod storage;
 mod subtransaction;
 mod types;
@@ -31,19 +31,13 @@ mod testing;
 
 pgrx::extension_sql_file!("../sql/bootstrap.sql", name = "bootstrap", bootstrap);
 // A fresh install is the 0.1.0 schema plus every upgrade since, so fresh and upgraded databases match.
-pgrx::extension_sql_file!("../sql/sync_ext--0.1.0--0.2.0.sql", name = "upgrade_0_2_0", finalize);
-
-/// `sync_ext.jwt_tenant_claim`: when set, the claim of `request.jwt.claims` that must equal the tenant.
-pub(crate) static JWT_TENANT_CLAIM: GucSetting<Option<std::ffi::CString>> = GucSetting::<Option<std::ffi::CString>>::new(None);
-
-/// `sync_ext.max_clock_skew`: how far (ms) a change's hlc may run ahead of the server clock.
-pub(crate) static MAX_CLOCK_SKEW_MS: GucSetting<i32> = GucSetting::<i32>::new(5 * 60 * 1000);
-/// `sync_ext.max_push_changes`: the most changes one push may carry.
-pub(crate) static MAX_PUSH_CHANGES: GucSetting<i32> = GucSetting::<i32>::new(10_000);
-/// `sync_ext.max_value_bytes`: the largest value one change may carry.
-pub(crate) static MAX_VALUE_BYTES: GucSetting<i32> = GucSetting::<i32>::new(1024 * 1024);
-/// `sync_ext.max_pull_changes`: the most changes one pull returns, whatever it asks for.
-pub(crate) static MAX_PULL_CHANGES: GucSetting<i32> = GucSetting::<i32>::new(10_000);
+// Each upgrade script replaces the Rust functions it declares, so it comes after them.
+pgrx::extension_sql_file!(
+    "../sql/sync_ext--0.1.0--0.2.0.sql",
+    name = "upgrade_0_2_0",
+    requires = [compact::sync_compact, push::sync_push_msgpack, pull::sync_pull_msgpack]
+);
+pgrx::extension_sql_file!("../sql/sync_ext--0.2.0--0.3.0.sql", name = "upgrade_0_3_0", finalize);
 
 /// Values of `sync_ext.number_mode`.
 #[derive(PostgresGucEnum, Clone, Copy, PartialEq, Eq, Debug)]
@@ -71,54 +65,14 @@ pub(crate) fn server_actor() -> String {
         .unwrap_or_else(|| "server".to_owned())
 }
 
-fn define_int(name: &'static CStr, short: &'static CStr, setting: &'static GucSetting<i32>, max: i32, flags: GucFlags) {
-    GucRegistry::define_int_guc(name, short, c"", setting, 0, max, GucContext::Suset, flags);
-}
-
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {
-    define_int(
-        c"sync_ext.max_clock_skew",
-        c"How far a pushed change's HLC may be ahead of the server clock before it is rejected (clock_skew).",
-        &MAX_CLOCK_SKEW_MS,
-        i32::MAX,
-        GucFlags::UNIT_MS,
-    );
-    define_int(
-        c"sync_ext.max_push_changes",
-        c"The most changes one sync_push may carry; a larger batch is an error.",
-        &MAX_PUSH_CHANGES,
-        1_000_000,
-        GucFlags::default(),
-    );
-    define_int(
-        c"sync_ext.max_value_bytes",
-        c"The largest value (in bytes of JSON) one pushed change may carry; a larger one is an error.",
-        &MAX_VALUE_BYTES,
-        i32::MAX,
-        GucFlags::UNIT_BYTE,
-    );
-    define_int(
-        c"sync_ext.max_pull_changes",
-        c"The most changes one sync_pull returns, whatever max_changes asks for.",
-        &MAX_PULL_CHANGES,
-        1_000_000,
-        GucFlags::default(),
-    );
     GucRegistry::define_string_guc(
         c"sync_ext.actor",
         c"The actor recorded for changes captured from plain SQL writes to registered tables.",
         c"",
         &ACTOR,
         GucContext::Userset,
-        GucFlags::default(),
-    );
-    GucRegistry::define_string_guc(
-        c"sync_ext.jwt_tenant_claim",
-        c"When set, the claim of request.jwt.claims that must equal the tenant of every sync call (PostgREST, Supabase).",
-        c"",
-        &JWT_TENANT_CLAIM,
-        GucContext::Suset,
         GucFlags::default(),
     );
     GucRegistry::define_enum_guc(
@@ -129,6 +83,8 @@ pub extern "C-unwind" fn _PG_init() {
         GucContext::Suset,
         GucFlags::default(),
     );
+    // The limits and the JWT rule are operator settings in sync_ext.settings (see settings.rs), not
+    // parameters: nothing a session sets can replace them.
 }
 
 #[cfg(test)]

@@ -16,6 +16,7 @@ use serde_json::{Map, Value};
 use sync_ext_protocol::{validate_tenant, Change, Op, RowKey};
 
 use crate::errors::{SyncError, SyncResult};
+use crate::identity::as_engine;
 use crate::subtransaction::{in_subtransaction, StepError};
 use crate::types::{composite_fields, form_record, number_mode, Codec, Field};
 
@@ -38,8 +39,10 @@ enum TenantBinding {
 #[derive(Clone, Debug)]
 pub struct Model {
     pub name: String,
-    /// The table's name as SQL (quoted and qualified as needed).
+    /// The table's name as SQL, schema-qualified and quoted.
     table: String,
+    /// The table's own name, for messages.
+    table_name: String,
     row_type: pg_sys::Oid,
     /// Live columns in attribute order.
     fields: Vec<Field>,
@@ -73,7 +76,8 @@ impl Drop for ApplyingPush {
     }
 }
 
-fn quote_identifier(name: &str) -> String {
+/// A name quoted as an SQL identifier.
+pub fn quote_identifier(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }
 
@@ -88,8 +92,10 @@ pub fn sqlstate_text(code: i32) -> String {
 }
 
 fn step_refusal(error: &StepError) -> String {
-    let code = match error.sqlstate.get(..2) {
-        Some("23") => "constraint_violation",
+    let code = match error.sqlstate.as_str() {
+        "42501" | "44000" => "permission_denied",
+        "P0001" => "constraint_violation",
+        sqlstate if sqlstate.starts_with("23") => "constraint_violation",
         _ => "invalid_value",
     };
     refusal(code, &error.message)
@@ -101,11 +107,12 @@ impl Model {
     fn describe(client: &SpiClient<'_>, name: &str, table: pg_sys::Oid, tenant_column: Option<&str>, tenant: Option<&str>) -> SyncResult<Model> {
         let shape = crate::plans::select(
             client,
-            "SELECT c.oid::regclass::text, c.reltype, c.relkind::text,
+            "SELECT c.relname::text, c.reltype, c.relkind::text,
                     (SELECT array_agg(a.attname::text ORDER BY k.ord)
                        FROM pg_index AS i, unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord), pg_attribute AS a
-                      WHERE i.indrelid = c.oid AND i.indisprimary AND a.attrelid = c.oid AND a.attnum = k.attnum)
-               FROM pg_class AS c WHERE c.oid = $1",
+                      WHERE i.indrelid = c.oid AND i.indisprimary AND a.attrelid = c.oid AND a.attnum = k.attnum),
+                    format('%I.%I', n.nspname, c.relname)
+               FROM pg_class AS c JOIN pg_namespace AS n ON n.oid = c.relnamespace WHERE c.oid = $1",
             Some(1),
             &[table.into()],
         )?;
@@ -120,6 +127,7 @@ impl Model {
             return Err(SyncError::InvalidArgument { argument: "tbl", problem: format!("{table_name} is not a table") });
         }
         let key_columns: Vec<String> = shape.get(4)?.unwrap_or_default();
+        let table: String = shape.get(5)?.unwrap_or_default();
         if key_columns.is_empty() {
             return Err(SyncError::InvalidArgument {
                 argument: "tbl",
@@ -154,7 +162,7 @@ impl Model {
                 })
             }
         };
-        Ok(Model { name: name.to_owned(), table: table_name, row_type, fields, primary_key, tenant })
+        Ok(Model { name: name.to_owned(), table, table_name, row_type, fields, primary_key, tenant })
     }
 
     /// The registered models among `names`, by name.
@@ -205,7 +213,7 @@ impl Model {
             TenantBinding::Fixed(tenant) => Ok(tenant.clone()),
             TenantBinding::Column(index) => match row.get(&self.fields[*index].name) {
                 Some(Value::String(tenant)) if !tenant.is_empty() => Ok(tenant.clone()),
-                _ => Err(SyncError::MissingTenant { table: self.table.clone(), column: self.fields[*index].name.clone() }),
+                _ => Err(SyncError::MissingTenant { table: self.table_name.clone(), column: self.fields[*index].name.clone() }),
             },
         }
     }
@@ -278,7 +286,7 @@ impl Model {
         let mut normalized = if change.op == Op::Insert { key.clone() } else { Map::new() };
         for (name, value) in value {
             let Some((_, field)) = self.field(name) else {
-                return Err(refusal("invalid_value", format!("column \"{name}\" does not exist in {}", self.table)));
+                return Err(refusal("invalid_value", format!("column \"{name}\" does not exist in {}", self.table_name)));
             };
             if self.tenant_column().is_some_and(|column| column.name == *name) {
                 if value.as_str() != Some(tenant) {
@@ -329,7 +337,7 @@ impl Model {
     fn write(&self, client: &mut SpiClient<'_>, tenant: &str, rows: &[(String, Option<Map<String, Value>>)]) -> Result<Vec<String>, String> {
         let key_names: Vec<&String> = self.primary_key.iter().map(|&index| &self.fields[index].name).collect();
         let tenant_guard = |alias: &str| match self.tenant_column() {
-            Some(column) => format!(" AND {alias}.{} = $2", quote_identifier(&column.name)),
+            Some(column) => format!(" AND {alias}.{} OPERATOR(pg_catalog.=) $2", quote_identifier(&column.name)),
             None => String::new(),
         };
         let mut upserts: BTreeMap<Vec<String>, Vec<(&str, &Row)>> = BTreeMap::new();
@@ -366,7 +374,7 @@ impl Model {
             };
             let guard = tenant_guard("t");
             let statement = format!(
-                "INSERT INTO {table} AS t ({columns}) SELECT {values} FROM unnest($1) AS r
+                "INSERT INTO {table} AS t ({columns}) SELECT {values} FROM pg_catalog.unnest($1) AS r
                  ON CONFLICT ({keys}) DO UPDATE SET {assignments} {where_guard}
                  RETURNING {returned}",
                 table = self.table,
@@ -400,8 +408,9 @@ impl Model {
             for pk in &deletes {
                 records.push(self.record(&self.pk_fields(pk)?, tenant)?);
             }
-            let matches = key_names.iter().map(|key| format!("t.{0} = (r).{0}", quote_identifier(key))).collect::<Vec<_>>().join(" AND ");
-            let statement = format!("DELETE FROM {} AS t USING unnest($1) AS r WHERE {matches}{}", self.table, tenant_guard("t"));
+            let matches =
+                key_names.iter().map(|key| format!("t.{0} OPERATOR(pg_catalog.=) (r).{0}", quote_identifier(key))).collect::<Vec<_>>().join(" AND ");
+            let statement = format!("DELETE FROM {} AS t USING pg_catalog.unnest($1) AS r WHERE {matches}{}", self.table, tenant_guard("t"));
             client.update(&statement, None, &[self.records_argument(records), tenant.into()]).map_err(|error| refusal("invalid_value", error))?;
         }
         Ok(foreign)
@@ -411,10 +420,16 @@ impl Model {
 /// Rows of registered models whose final state a batch must write, by model: (pk, row or `None` if deleted).
 pub type PendingWrites = HashMap<String, Vec<(String, Option<Map<String, Value>>)>>;
 
-/// Writes a batch's row states into the registered tables, isolating failures: the whole batch is
-/// tried in one subtransaction per model; if that fails, row by row. Returns the refused rows with reasons.
-pub fn write_rows(client: &mut SpiClient<'_>, tenant: &str, models: &HashMap<String, Model>, pending: &PendingWrites) -> HashMap<RowKey, String> {
+/// Writes a batch's row states into the registered tables with the caller's rights (its privileges,
+/// the tables' row-level security, triggers and defaults apply as to its own SQL), isolating failures:
+/// the whole batch is tried in one subtransaction per model; if that fails, row by row. Returns the
+/// refused rows with reasons. Errors that are not about a row's data (a cancel, a deadlock) propagate.
+pub fn write_rows(tenant: &str, models: &HashMap<String, Model>, pending: &PendingWrites) -> SyncResult<HashMap<RowKey, String>> {
     let _applying = ApplyingPush::start();
+    Spi::connect_mut(|client| Ok(write_rows_with(client, tenant, models, pending)))
+}
+
+fn write_rows_with(client: &mut SpiClient<'_>, tenant: &str, models: &HashMap<String, Model>, pending: &PendingWrites) -> HashMap<RowKey, String> {
     let mut refused = HashMap::new();
     for (model_name, rows) in pending {
         let model = &models[model_name];
@@ -502,7 +517,7 @@ fn register(name: &str, table: pg_sys::Oid, tenant_column: Option<&str>, tenant:
             &[name.into(), table.into()],
         )?;
         if !taken.is_empty() {
-            return Err(SyncError::AlreadyRegistered { model: name.to_owned(), table: model.table.clone() });
+            return Err(SyncError::AlreadyRegistered { model: name.to_owned(), table: model.table_name.clone() });
         }
         client.update(
             "INSERT INTO sync_ext.models (model, table_name, tenant_column, tenant) VALUES ($1, $2, $3, $4)",
@@ -524,12 +539,15 @@ fn register(name: &str, table: pg_sys::Oid, tenant_column: Option<&str>, tenant:
             None,
             &[],
         )?;
-        client.update(
-            &format!("SELECT sync_ext.capture_rows($1, NULL, (SELECT array_agg(t) FROM {table_sql} AS t))"),
-            None,
-            &[table.into()],
-        )?;
         Ok(())
+    })?;
+    // Rows already in the table are logged as inserts, by the engine as any captured write.
+    as_engine(|_| {
+        Spi::connect_mut(|client| {
+            let model = Model::load_for_table(client, table)?.ok_or_else(|| SyncError::UnknownModel { model: name.to_owned() })?;
+            let rows = crate::capture::relation_rows(client, &model, Some(&model.table))?;
+            crate::capture::log_rows(client, &model, Vec::new(), rows)
+        })
     })
 }
 

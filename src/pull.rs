@@ -17,13 +17,15 @@ use pgrx::spi::SpiTupleTable;
 use pgrx::JsonB;
 use sync_ext_protocol::validate_tenant;
 
-use crate::auth::{as_owner, authorize};
+use crate::auth::authorize;
+use crate::identity::as_engine;
 use crate::errors::{SyncError, SyncResult};
 use crate::jsonb::JsonbDatum;
 
 /// The page of a pull, built in one statement (so the mode, the horizon and the rows come from one
-/// snapshot). It reads one row more than the page holds, to tell whether more follow, and drops it from
-/// the aggregated array; the rows pass through no intermediate table.
+/// snapshot). It reads at most one row more than the page may hold, to tell whether more follow, and
+/// keeps the rows that fit both limits: at most `$3` changes and at most `$4` bytes (of jsonb; the
+/// first change always, however large it is).
 const PULL_PAGE: &str = "
 WITH t AS (
     SELECT coalesce(max(last_seq), 0) AS last_seq, coalesce(max(horizon), 0) AS horizon
@@ -33,8 +35,8 @@ mode AS (
            CASE WHEN $2 < 0 THEN -$2 ELSE 0 END AS snapshot_after,
            t.last_seq
       FROM t),
-page AS (
-    SELECT count(*) AS fetched, jsonb_agg(change ORDER BY seq) AS changes
+fetched AS (
+    SELECT seq, change, row_number() OVER w AS n, sum(pg_column_size(change)) OVER w AS bytes
       FROM (SELECT * FROM (
                 SELECT o.seq, jsonb_build_object('seq', o.seq, 'op_id', o.op_id, 'model', o.model, 'pk', o.pk, 'op', o.op,
                                                  'hlc', o.hlc, 'actor', o.actor, 'value', o.payload) AS change
@@ -52,20 +54,22 @@ page AS (
                   FROM sync_ext.snapshots AS s
                  WHERE (SELECT reset FROM mode) AND s.tenant_id = $1 AND s.seq > (SELECT snapshot_after FROM mode)
                  ORDER BY s.seq
-                 LIMIT $3 + 1) AS snapshot_rows) AS fetched_rows),
-kept AS (
-    SELECT fetched > $3 AS has_more,
-           CASE WHEN fetched > $3 THEN changes - $3 ELSE coalesce(changes, '[]') END AS changes,
-           (changes -> (least(fetched, $3) - 1)::int ->> 'seq')::bigint AS last_kept
-      FROM page)
+                 LIMIT $3 + 1) AS snapshot_rows) AS fetched_rows
+    WINDOW w AS (ORDER BY seq)),
+page AS (
+    SELECT count(*) AS fetched,
+           count(*) FILTER (WHERE kept) AS kept,
+           coalesce(jsonb_agg(change ORDER BY seq) FILTER (WHERE kept), '[]') AS changes,
+           max(seq) FILTER (WHERE kept) AS last_kept
+      FROM (SELECT seq, change, n <= $3 AND (n = 1 OR bytes <= $4) AS kept FROM fetched) AS marked)
 SELECT jsonb_build_object(
-           'changes', kept.changes,
-           'cursor', CASE WHEN NOT mode.reset THEN coalesce(kept.last_kept, $2)
-                          WHEN kept.has_more THEN -kept.last_kept
+           'changes', page.changes,
+           'cursor', CASE WHEN NOT mode.reset THEN coalesce(page.last_kept, $2)
+                          WHEN page.fetched > page.kept THEN -page.last_kept
                           ELSE mode.last_seq END,
-           'has_more', kept.has_more)
+           'has_more', page.fetched > page.kept)
        || CASE WHEN mode.reset THEN '{\"reset\": true}'::jsonb ELSE '{}'::jsonb END
-  FROM mode, kept";
+  FROM mode, page";
 
 /// Returns `{"changes":[...],"cursor":N,"has_more":bool}` (plus `"reset":true` when the cursor cannot be
 /// continued from the log): at most `max_changes` changes after `since`. The body is built by one query
@@ -87,9 +91,12 @@ fn pull_page<T>(tenant: &str, since: i64, max_changes: i32, take: impl FnOnce(Sp
     if max_changes < 1 {
         return Err(SyncError::InvalidArgument { argument: "max_changes", problem: format!("must be 1 or more, got {max_changes}") });
     }
-    authorize(tenant)?;
-    let limit = max_changes.min(crate::MAX_PULL_CHANGES.get().max(1));
-    as_owner(|| Spi::connect(|client| take(crate::plans::select(&client, PULL_PAGE, Some(1), &[tenant.into(), since.into(), limit.into()])?)))
+    as_engine(|engine| {
+        let settings = authorize(engine, tenant)?;
+        let limit = max_changes.min(settings.max_pull_changes);
+        let args = [tenant.into(), since.into(), limit.into(), settings.max_pull_bytes.into()];
+        Spi::connect(|client| take(crate::plans::select(&client, PULL_PAGE, Some(1), &args)?))
+    })
 }
 
 #[cfg(any(test, feature = "pg_test"))]
@@ -129,9 +136,27 @@ mod tests {
     fn max_pull_changes_caps_a_page() {
         let batch: Vec<Value> = (1..=3).map(|n| change(n, &n.to_string(), "insert", "00.000", "a", json!({}))).collect();
         push("t", Value::from(batch));
-        Spi::run("SET LOCAL sync_ext.max_pull_changes = 2").unwrap();
+        Spi::run("SELECT sync_configure('max_pull_changes', '2')").unwrap();
         let page = pull("t", 0, 1000);
         assert_eq!((seqs(&page), page["has_more"].clone()), (vec![1, 2], json!(true)));
+    }
+
+    #[pg_test]
+    fn max_pull_bytes_ends_a_page_early_but_a_larger_change_still_comes_alone() {
+        let sized = |n: u32, bytes: usize| change(n, &n.to_string(), "insert", "00.000", "a", json!({"blob": "x".repeat(bytes)}));
+        push("t", json!([sized(1, 150), sized(2, 150), sized(3, 150), sized(4, 3000), sized(5, 150)]));
+        Spi::run("SELECT sync_configure('max_pull_bytes', '1kB')").unwrap();
+        let mut pages = Vec::new();
+        let mut cursor = 0;
+        loop {
+            let page = pull("t", cursor, 1000);
+            pages.push(seqs(&page));
+            cursor = page["cursor"].as_i64().unwrap();
+            if page["has_more"] == false {
+                break;
+            }
+        }
+        assert_eq!(pages, [vec![1, 2], vec![3], vec![4], vec![5]], "two small changes fit in 1 kB; the large one comes alone");
     }
 
     #[pg_test]

@@ -7,56 +7,70 @@ use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
 use serde_json::Value;
 use sync_ext_protocol::hlc::wall_clock_millis;
-use sync_ext_protocol::{change::Limits, merge_batch, parse_changes, validate_tenant, BatchContext, BatchOutcome, Change, PushResponse, Status};
+use sync_ext_protocol::{merge_batch, parse_changes, validate_tenant, BatchContext, BatchOutcome, Change, PushResponse, Status};
 
-use crate::auth::{as_owner, authorize};
+use crate::auth::authorize;
 use crate::errors::{SyncError, SyncResult};
-use crate::jsonb::{JsonbDatum, JsonbText};
+use crate::identity::as_engine;
+use crate::jsonb::{Body, ByteaBody, JsonbBody, JsonbDatum};
 use crate::models::{self, Model, PendingWrites};
 use crate::storage::{self, TenantState};
 
 /// Applies a batch of changes for `tenant` and returns one result per change plus the tenant's cursor.
 /// See the README for the change format and the merge rule.
 #[pg_extern(volatile, parallel_unsafe)]
-fn sync_push(tenant: &str, changes: JsonbText) -> Result<JsonbDatum, ErrorReport> {
-    let response = push(tenant, &changes.parse("changes")?)?;
+fn sync_push(tenant: &str, changes: JsonbBody) -> Result<JsonbDatum, ErrorReport> {
+    let response = push(tenant, &changes.0, || changes.parse("changes"))?;
     Ok(JsonbDatum::from_serialize(&response))
 }
 
 /// `sync_push` with the changes and the response encoded as MessagePack (named fields).
 #[pg_extern(volatile, parallel_unsafe)]
-fn sync_push_msgpack(tenant: &str, changes: &[u8]) -> Result<Vec<u8>, ErrorReport> {
-    let body: Value = sync_ext_protocol::msgpack::decode(changes)
-        .map_err(|error| SyncError::InvalidMessagePack { argument: "changes", problem: error.to_string() })?;
-    let response = push(tenant, &body)?;
+fn sync_push_msgpack(tenant: &str, changes: ByteaBody) -> Result<Vec<u8>, ErrorReport> {
+    let response = push(tenant, &changes.0, || {
+        sync_ext_protocol::msgpack::decode(changes.bytes())
+            .map_err(|error| SyncError::InvalidMessagePack { argument: "changes", problem: error.to_string() })
+    })?;
     Ok(sync_ext_protocol::msgpack::encode(&response).expect("push responses encode"))
 }
 
-/// Validates, authorizes, merges and stores one batch: a handful of statements whatever its size.
-pub fn push(tenant: &str, body: &Value) -> SyncResult<PushResponse> {
+/// Authorizes, checks the body's size, reads, validates, merges and stores one batch: a handful of
+/// statements whatever its size. The sync tables are read and written by the engine; values are
+/// decoded and bound tables written with the caller's rights (see [`crate::identity`]).
+pub fn push(tenant: &str, body: &Body, read: impl FnOnce() -> SyncResult<Value>) -> SyncResult<PushResponse> {
     validate_tenant(tenant)?;
-    let limits = Limits {
-        max_changes: usize::try_from(crate::MAX_PUSH_CHANGES.get()).unwrap_or(0),
-        max_value_bytes: usize::try_from(crate::MAX_VALUE_BYTES.get()).unwrap_or(0),
-    };
-    let mut changes = parse_changes(body, &limits)?;
-    authorize(tenant)?;
+    let settings = as_engine(|engine| authorize(engine, tenant))?;
+    body.check_size("changes", settings.max_push_bytes)?;
+    let mut changes = parse_changes(&read()?, &settings.push_limits())?;
+    let skew = settings.max_clock_skew_ms;
     if changes.is_empty() {
-        let cursor = as_owner(|| Spi::connect(|client| storage::last_seq(client, tenant)))?;
+        let cursor = as_engine(|_| Spi::connect(|client| storage::last_seq(client, tenant)))?;
         return Ok(PushResponse { cursor, results: Vec::new() });
     }
     storage::require_primary("sync_push")?;
-    as_owner(|| Spi::connect_mut(|client| {
-        let state = storage::lock_tenant(client, tenant)?;
-        let names: BTreeSet<&str> = changes.iter().map(|change| change.model.as_str()).collect();
-        let models = Model::load_named(client, &names.into_iter().collect::<Vec<_>>())?;
-        if models.is_empty() {
-            let outcome = store_batch(client, tenant, &state, &changes, HashMap::new())?;
-            return Ok(PushResponse { cursor: outcome.last_seq, results: outcome.results });
+    let names: BTreeSet<&str> = changes.iter().map(|change| change.model.as_str()).collect();
+    let names: Vec<&str> = names.into_iter().collect();
+    let unbound = as_engine(|_| Spi::connect_mut(|client| {
+        let models = Model::load_named(client, &names)?;
+        if !models.is_empty() {
+            return Ok(Err(models));
         }
-        let mut refused = models::normalize_changes(&mut changes, tenant, &models);
-        let mut outcome = merge(client, tenant, &state, &changes, refused.clone())?;
-        let refused_rows = models::write_rows(client, tenant, &models, &pending_writes(&outcome, &models));
+        let state = storage::lock_tenant(client, tenant)?;
+        let outcome = store_batch(client, tenant, &state, &changes, HashMap::new(), skew)?;
+        Ok(Ok(PushResponse { cursor: outcome.last_seq, results: outcome.results }))
+    }))?;
+    let models = match unbound {
+        Ok(response) => return Ok(response),
+        Err(models) => models,
+    };
+    let mut refused = models::normalize_changes(&mut changes, tenant, &models);
+    let (state, mut outcome) = as_engine(|_| Spi::connect_mut(|client| {
+        let state = storage::lock_tenant(client, tenant)?;
+        let outcome = merge(client, tenant, &state, &changes, refused.clone(), skew)?;
+        Ok((state, outcome))
+    }))?;
+    let refused_rows = models::write_rows(tenant, &models, &pending_writes(&outcome, &models))?;
+    as_engine(|_| Spi::connect_mut(|client| {
         if !refused_rows.is_empty() {
             for (index, change) in changes.iter().enumerate() {
                 let duplicate = matches!(outcome.results[index].status, Status::Duplicate { .. });
@@ -64,7 +78,7 @@ pub fn push(tenant: &str, body: &Value) -> SyncResult<PushResponse> {
                     refused.entry(index).or_insert_with(|| reason.clone());
                 }
             }
-            outcome = merge(client, tenant, &state, &changes, refused)?;
+            outcome = merge(client, tenant, &state, &changes, refused, skew)?;
         }
         store(client, tenant, &state, &changes, &outcome)?;
         Ok(PushResponse { cursor: outcome.last_seq, results: outcome.results })
@@ -82,13 +96,21 @@ fn pending_writes(outcome: &BatchOutcome, models: &HashMap<String, Model>) -> Pe
     pending
 }
 
-/// Decides a batch against the stored state of a locked tenant (two reads, no writes).
-fn merge(client: &SpiClient<'_>, tenant: &str, state: &TenantState, changes: &[Change], refused: HashMap<usize, String>) -> SyncResult<BatchOutcome> {
+/// Decides a batch against the stored state of a locked tenant (two reads, no writes). Changes stamped
+/// more than `max_clock_skew_ms` ahead of the server clock are refused.
+fn merge(
+    client: &SpiClient<'_>,
+    tenant: &str,
+    state: &TenantState,
+    changes: &[Change],
+    refused: HashMap<usize, String>,
+    max_clock_skew_ms: i32,
+) -> SyncResult<BatchOutcome> {
     let context = BatchContext {
         last_seq: state.last_seq,
         logged: storage::logged_ops(client, tenant, changes)?,
         rows: storage::load_rows(client, tenant, changes)?,
-        latest_allowed_millis: wall_clock_millis() + i64::from(crate::MAX_CLOCK_SKEW_MS.get()),
+        latest_allowed_millis: wall_clock_millis() + i64::from(max_clock_skew_ms),
         refused,
     };
     Ok(merge_batch(changes, context))
@@ -105,8 +127,15 @@ fn store(client: &mut SpiClient<'_>, tenant: &str, state: &TenantState, changes:
 }
 
 /// Merges and stores a batch for a locked tenant.
-pub fn store_batch(client: &mut SpiClient<'_>, tenant: &str, state: &TenantState, changes: &[Change], refused: HashMap<usize, String>) -> SyncResult<BatchOutcome> {
-    let outcome = merge(client, tenant, state, changes, refused)?;
+pub fn store_batch(
+    client: &mut SpiClient<'_>,
+    tenant: &str,
+    state: &TenantState,
+    changes: &[Change],
+    refused: HashMap<usize, String>,
+    max_clock_skew_ms: i32,
+) -> SyncResult<BatchOutcome> {
+    let outcome = merge(client, tenant, state, changes, refused, max_clock_skew_ms)?;
     store(client, tenant, state, changes, &outcome)?;
     Ok(outcome)
 }
@@ -174,7 +203,7 @@ mod tests {
         let ahead = chrono_like_now_plus_minutes(60);
         an_hour_ahead["hlc"] = json!(ahead);
         assert_eq!(push("t", json!([an_hour_ahead.clone()]))["results"][0]["reason"], "clock_skew");
-        Spi::run("SET LOCAL sync_ext.max_clock_skew = '2h'").unwrap();
+        Spi::run("SELECT sync_configure('max_clock_skew', '2h')").unwrap();
         assert_eq!(statuses(&push("t", json!([an_hour_ahead]))), ["applied"]);
     }
 
@@ -316,10 +345,10 @@ mod tests {
 
         let valid_pair = batch_with_second(|_| {});
         assert_eq!(error_of(&format!("SELECT sync_push('', {valid_pair})")), "22023: tenant: must not be empty");
-        Spi::run("SET LOCAL sync_ext.max_push_changes = 1").unwrap();
+        Spi::run("SELECT sync_configure('max_push_changes', '1')").unwrap();
         assert_eq!(
             error_of(&format!("SELECT sync_push('t', {valid_pair})")),
-            "22023: changes: 2 changes exceed sync_ext.max_push_changes (1)"
+            "22023: changes: 2 changes exceed max_push_changes (1)"
         );
         assert_eq!(fingerprint(), before);
     }

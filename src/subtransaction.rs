@@ -11,9 +11,17 @@ pub struct StepError {
     pub message: String,
 }
 
+/// Whether an error is a problem of the data one step wrote (a value, a constraint, a privilege, a
+/// refusal raised by a trigger), which refuses that change alone. Anything else (a cancel or timeout,
+/// a deadlock or serialization failure, running out of memory, a shutdown, an internal error) is an
+/// error of the whole call.
+fn is_data_problem(sqlstate: &str) -> bool {
+    matches!(sqlstate.get(..2), Some("22" | "23")) || matches!(sqlstate, "42501" | "44000" | "54000" | "P0001")
+}
+
 /// Runs `step` in a subtransaction: its effects stay when it returns, and are undone when it raises
-/// a Postgres error, which is returned instead (as a plpgsql EXCEPTION block does). A Rust panic
-/// (a bug) is not caught: it aborts the statement.
+/// a Postgres error about the data it wrote, which is returned instead (as a plpgsql EXCEPTION block
+/// does). Every other error, and a Rust panic (a bug), propagates: it aborts the statement.
 pub fn in_subtransaction<T>(step: impl FnOnce() -> T) -> Result<T, StepError> {
     // SAFETY: the standard internal-subtransaction protocol; memory context and resource owner are
     // restored on both paths, as plpgsql's exception handling does.
@@ -37,11 +45,15 @@ pub fn in_subtransaction<T>(step: impl FnOnce() -> T) -> Result<T, StepError> {
             pg_sys::RollbackAndReleaseCurrentSubTransaction();
             restore();
             match caught {
-                CaughtError::PostgresError(report) | CaughtError::ErrorReport(report) => Err(StepError {
-                    sqlstate: crate::models::sqlstate_text(report.sql_error_code() as i32),
-                    message: report.message().to_owned(),
-                }),
-                panic @ CaughtError::RustPanic { .. } => panic.rethrow(),
+                CaughtError::PostgresError(ref report) | CaughtError::ErrorReport(ref report)
+                    if is_data_problem(&crate::models::sqlstate_text(report.sql_error_code() as i32)) =>
+                {
+                    Err(StepError {
+                        sqlstate: crate::models::sqlstate_text(report.sql_error_code() as i32),
+                        message: report.message().to_owned(),
+                    })
+                }
+                other => other.rethrow(),
             }
         })
         .execute()

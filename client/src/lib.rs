@@ -165,7 +165,7 @@ impl<R: Remote> SyncClientBuilder<R> {
         }
     }
 
-    /// How many changes one push carries (at most the server's `sync_ext.max_push_changes`).
+    /// How many changes one push carries (at most the server's `max_push_changes` setting).
     pub fn push_batch(mut self, changes: usize) -> Self {
         self.push_batch = changes.max(1);
         self

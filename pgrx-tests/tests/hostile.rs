@@ -42,6 +42,8 @@ fn hostile_pushes_are_refused_clearly_and_change_nothing() {
     let nested = format!("[{{\"op_id\": \"00000000-0000-4000-8000-000000000002\", \"model\": \"todo\", \"pk\": \"2\", \"op\": \"insert\", \"hlc\": \"2026-01-01T00:00:00.000Z-0000\", \"actor\": \"a\", \"value\": {{\"d\": {}1{}}}}}]", "[".repeat(200), "]".repeat(200));
     let mut ten_megabytes = valid(3);
     ten_megabytes["value"] = json!({"blob": "x".repeat(10 * 1024 * 1024)});
+    let mut two_megabytes = valid(11);
+    two_megabytes["value"] = json!({"blob": "x".repeat(2 * 1024 * 1024)});
     let mut huge_array = valid(4);
     huge_array["value"] = json!({"items": vec![1; 1_000_000]});
     let too_many = Value::from((0..10_001).map(valid).collect::<Vec<_>>());
@@ -51,9 +53,10 @@ fn hostile_pushes_are_refused_clearly_and_change_nothing() {
 
     let json_cases: Vec<(&str, String, &str, &str)> = vec![
         ("nesting 200 levels deep", nested, "22023", "changes: is nested more than 128 levels deep"),
-        ("a 10 MB value", json!([ten_megabytes]).to_string(), "54000", "changes[0].value: is over 1048576 bytes"),
-        ("an array of a million numbers", json!([huge_array]).to_string(), "54000", "changes[0].value: is over 1048576 bytes"),
-        ("10,001 changes", too_many.to_string(), "22023", "changes: 10001 changes exceed sync_ext.max_push_changes (10000)"),
+        ("a 10 MB body", json!([ten_megabytes]).to_string(), "54000", "changes: the body is 10485960 bytes, over max_push_bytes (8388608)"),
+        ("an array of a million numbers", json!([huge_array]).to_string(), "54000", "changes: the body is"),
+        ("a 2 MB value", json!([two_megabytes]).to_string(), "54000", "changes[0].value: is over 1048576 bytes"),
+        ("10,001 changes", too_many.to_string(), "22023", "changes: 10001 changes exceed max_push_changes (10000)"),
         ("a number beyond double precision", beyond_f64.to_owned(), "22023", "changes: holds a number beyond the range of double precision"),
         ("duplicate keys (jsonb keeps the last: a delete with a value)", duplicate_keys.to_owned(), "22023", "changes[0].value: a delete carries no value"),
         ("a NUL character", nul.to_owned(), "22P05", "unsupported Unicode escape sequence"),

@@ -160,7 +160,22 @@ fn upgrading_from_0_1_0_keeps_data_and_behaviour() {
     cluster.connect("postgres").batch_execute("CREATE DATABASE old").unwrap();
     let mut old = cluster.connect("old");
     old.batch_execute("CREATE EXTENSION sync_ext VERSION '0.1.0'").unwrap();
-    populate(&mut old);
+    // Between installing new binaries and ALTER EXTENSION UPDATE, plain SQL writes are still captured and
+    // the sync functions say what to do.
+    old.batch_execute(
+        "CREATE TABLE todos (id int PRIMARY KEY, tenant_id text NOT NULL, title text, due timestamptz);
+         SELECT sync_register_model('todo', 'todos', tenant_column => 'tenant_id');
+         INSERT INTO todos VALUES (1, 'acme', 'from SQL', '2026-11-24 10:00:00.5+00'), (2, 'acme', 'second', NULL);
+         UPDATE todos SET title = 'edited' WHERE id = 2;",
+    )
+    .unwrap();
+    let outdated = old.query_one("SELECT sync_pull('acme', 0)", &[]).unwrap_err();
+    let outdated = outdated.as_db_error().expect("a database error");
+    assert_eq!(outdated.code().code(), "55000");
+    assert!(outdated.message().ends_with("run ALTER EXTENSION sync_ext UPDATE"), "{}", outdated.message());
+    // Limits set as parameters before 0.3.0 become operator settings.
+    old.batch_execute("ALTER DATABASE old SET sync_ext.max_clock_skew = '2h'").unwrap();
+    let mut old = cluster.connect("old");
     let log = |client: &mut Client, without: &str| -> String {
         let sql = format!("SELECT string_agg((to_jsonb(o) - '{without}')::text, ';' ORDER BY seq) FROM sync_ext.op_log AS o");
         client.query_one(&sql, &[]).unwrap().get(0)
@@ -169,22 +184,32 @@ fn upgrading_from_0_1_0_keeps_data_and_behaviour() {
 
     old.batch_execute("ALTER EXTENSION sync_ext UPDATE").unwrap();
     let version: String = old.query_one("SELECT extversion FROM pg_extension WHERE extname = 'sync_ext'", &[]).unwrap().get(0);
-    assert_eq!(version, "0.2.0");
+    assert_eq!(version, "0.3.0");
+    let carried: String = old.query_one("SELECT string_agg(name || '=' || value, ',') FROM sync_ext.settings", &[]).unwrap().get(0);
+    assert_eq!(carried, "max_clock_skew=7200000");
     assert_eq!(log(&mut old, "logged_at"), before, "every change is still there, unchanged");
 
-    let next = vec![change(Op::Update, "todo", "2", hlc_ago(500, 0), "phone", json!({"title": "after upgrade"}))];
+    let next = vec![change(Op::Update, "todo", "2", hlc_ago(0, 0xff00), "phone", json!({"title": "after upgrade"}))];
     assert_eq!(push(&mut old, "acme", &next).unwrap().cursor, 4);
     let compacted: Value = old.query_one("SELECT sync_compact('acme', '0 seconds')", &[]).unwrap().get(0);
-    assert_eq!(compacted["horizon"], 2, "the superseded insert of todo 2 (seq 2) is compacted away");
+    assert_eq!(compacted["horizon"], 3, "the superseded entries of todo 2 (seqs 2 and 3) are compacted away");
     let bootstrap = pull_all(&mut old, "acme", 0, 2).unwrap();
     assert!(bootstrap.reset && bootstrap.cursor == 4, "new clients bootstrap by reset");
     let stats: i64 = old.query_one("SELECT op_log_rows FROM sync_ext.tenant_stats WHERE tenant_id = 'acme'", &[]).unwrap().get(0);
-    assert_eq!(stats, 3);
+    assert_eq!(stats, 2);
 
     cluster.create_database("fresh");
-    let columns = "SELECT string_agg(table_name || '.' || column_name || ':' || data_type, ',' ORDER BY table_name, column_name)
-                     FROM information_schema.columns WHERE table_schema = 'sync_ext'";
-    let upgraded: String = old.query_one(columns, &[]).unwrap().get(0);
-    let fresh: String = cluster.connect("fresh").query_one(columns, &[]).unwrap().get(0);
-    assert_eq!(upgraded, fresh, "an upgraded database has the schema of a fresh one");
+    let schema = "SELECT concat_ws(E'\n',
+        (SELECT string_agg(table_name || '.' || column_name || ':' || data_type, ',' ORDER BY table_name, column_name)
+           FROM information_schema.columns WHERE table_schema = 'sync_ext'),
+        (SELECT string_agg(format('%s %s %s %s %s %s', p.oid::regprocedure, p.prorettype::regtype, l.lanname, p.provolatile,
+                                  p.proisstrict, coalesce(p.proacl::text, 'default')), ',' ORDER BY p.oid::regprocedure::text)
+           FROM pg_depend AS d JOIN pg_proc AS p ON p.oid = d.objid JOIN pg_language AS l ON l.oid = p.prolang
+          WHERE d.refobjid = (SELECT oid FROM pg_extension WHERE extname = 'sync_ext') AND d.classid = 'pg_proc'::regclass),
+        (SELECT string_agg(tablename || ':' || policyname || ':' || qual, ',' ORDER BY tablename) FROM pg_policies WHERE schemaname = 'sync_ext'))";
+    let upgraded: String = old.query_one(schema, &[]).unwrap().get(0);
+    let fresh: String = cluster.connect("fresh").query_one(schema, &[]).unwrap().get(0);
+    assert_eq!(upgraded, fresh, "an upgraded database has the schema, functions, privileges and policies of a fresh one");
+    old.batch_execute("UPDATE todos SET title = 'captured after the upgrade' WHERE id = 1").unwrap();
+    assert_eq!(pull_all(&mut old, "acme", 4, 10).unwrap().changes.len(), 1, "capture triggers work after the upgrade");
 }

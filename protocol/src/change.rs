@@ -136,7 +136,7 @@ pub fn parse_changes(input: &Value, limits: &Limits) -> Result<Vec<Change>, Wire
     if items.len() > max_changes {
         return Err(WireError::invalid(
             "changes",
-            format!("{} changes exceed sync_ext.max_push_changes ({max_changes})", items.len()),
+            format!("{} changes exceed max_push_changes ({max_changes})", items.len()),
         ));
     }
     items.iter().enumerate().map(|(index, item)| parse_change(index, item, limits.max_value_bytes)).collect()
@@ -196,7 +196,7 @@ fn parse_change(index: usize, item: &Value, max_value_bytes: usize) -> Result<Ch
                 return Err(WireError {
                     kind: WireErrorKind::TooLarge,
                     location: at("value"),
-                    problem: format!("is over {max_value_bytes} bytes (sync_ext.max_value_bytes)"),
+                    problem: format!("is over {max_value_bytes} bytes (max_value_bytes)"),
                 });
             }
             Some(fields.clone())

@@ -1,0 +1,61 @@
+-- sync_ext 0.2.0 -> 0.3.0: a device's login can never be more than its tenant grant.
+-- Operator settings move from parameters to a table only the owner writes; capture becomes a trigger
+-- function that cannot be called directly; may_access answers only for the current role; nothing
+-- internal or administrative is executable by PUBLIC.
+--
+-- This file is also the last part of a fresh 0.3.0 install (after the 0.1.0 schema and the 0.2.0
+-- upgrade), so fresh and upgraded databases cannot differ. Functions implemented in Rust are created
+-- with OR REPLACE for that, exactly as pgrx declares them.
+
+-- Operator settings (sync_configure). Values an operator had set as sync_ext.* parameters (postgresql.conf,
+-- ALTER DATABASE, ALTER ROLE) are carried over here, before the library that no longer defines those
+-- parameters is loaded by this script.
+CREATE TABLE sync_ext.settings (
+    name  text PRIMARY KEY,
+    value text NOT NULL
+);
+COMMENT ON TABLE sync_ext.settings IS
+    'Operator settings (limits, the JWT claim). Written only through sync_configure; absent means the default.';
+SELECT pg_catalog.pg_extension_config_dump('sync_ext.settings', '');
+INSERT INTO sync_ext.settings (name, value)
+SELECT name, pg_catalog.current_setting('sync_ext.' || name, true)
+  FROM pg_catalog.unnest(ARRAY['max_push_changes', 'max_value_bytes', 'max_pull_changes', 'max_clock_skew', 'jwt_tenant_claim']) AS name
+ WHERE coalesce(pg_catalog.current_setting('sync_ext.' || name, true), '') <> '';
+
+CREATE OR REPLACE FUNCTION "sync_configure"(
+	"setting" TEXT, /* & str */
+	"value" TEXT /* Option < & str > */
+) RETURNS VOID /* Result < (), pgrx :: pg_sys :: panic :: ErrorReport > */
+VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'sync_configure_wrapper';
+-- Normalize what was carried over (units, defaults), through the one function that validates settings.
+SELECT sync_configure(name, value) FROM sync_ext.settings;
+
+-- Capture: the three trigger functions become the engine's C trigger function.
+CREATE OR REPLACE FUNCTION sync_ext.capture_insert() RETURNS trigger LANGUAGE c AS 'MODULE_PATHNAME', 'capture_wrapper';
+CREATE OR REPLACE FUNCTION sync_ext.capture_update() RETURNS trigger LANGUAGE c AS 'MODULE_PATHNAME', 'capture_wrapper';
+CREATE OR REPLACE FUNCTION sync_ext.capture_delete() RETURNS trigger LANGUAGE c AS 'MODULE_PATHNAME', 'capture_wrapper';
+-- (absent from a fresh install, where no 0.2.0 objects were created by pgrx)
+DROP FUNCTION IF EXISTS sync_ext.capture_rows(oid, anyarray, anyarray);
+
+-- Access checks answer for the current role only.
+DROP POLICY tenant_rows ON sync_ext.op_log;
+DROP POLICY tenant_rows ON sync_ext.snapshots;
+DROP FUNCTION sync_ext.may_access(text, name);
+CREATE OR REPLACE FUNCTION sync_ext."may_access"(
+	"tenant" TEXT /* & str */
+) RETURNS bool /* Result < bool, pgrx :: pg_sys :: panic :: ErrorReport > */
+STRICT STABLE PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'may_access_wrapper';
+CREATE POLICY tenant_rows ON sync_ext.op_log FOR SELECT USING (sync_ext.may_access(tenant_id));
+CREATE POLICY tenant_rows ON sync_ext.snapshots FOR SELECT USING (sync_ext.may_access(tenant_id));
+
+-- Administration is the owner's; internal functions are nobody else's.
+REVOKE EXECUTE ON FUNCTION sync_grant_tenant(regrole, text), sync_revoke_tenant(regrole, text),
+                           sync_register_model(text, regclass, text, text), sync_unregister_model(text),
+                           sync_configure(text, text),
+                           sync_ext.capture_insert(), sync_ext.capture_update(), sync_ext.capture_delete(),
+                           sync_ext.forbid_truncate(), sync_ext.forbid_op_log_update()
+    FROM PUBLIC;
