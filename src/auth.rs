@@ -27,7 +27,7 @@ fn access(engine: &Engine, tenant: &str) -> SyncResult<(Settings, bool)> {
     engine.require_current_schema()?;
     let (roles, names, values) = Spi::connect(|client| {
         crate::plans::select(
-            &client,
+            client,
             "SELECT ARRAY(SELECT g.role::oid FROM sync_ext.grants AS g WHERE g.tenant_id = $1),
                     ARRAY(SELECT s.name FROM sync_ext.settings AS s),
                     ARRAY(SELECT s.value FROM sync_ext.settings AS s)",

@@ -96,7 +96,7 @@ pub fn as_engine<T>(work: impl FnOnce(&Engine) -> SyncResult<T>) -> SyncResult<T
 fn extension_owner() -> SyncResult<(pg_sys::Oid, String)> {
     Spi::connect(|client| {
         let found =
-            crate::plans::select(&client, "SELECT extowner, extversion FROM pg_catalog.pg_extension WHERE extname = 'sync_ext'", Some(1), &[])?;
+            crate::plans::select(client, "SELECT extowner, extversion FROM pg_catalog.pg_extension WHERE extname = 'sync_ext'", Some(1), &[])?;
         if found.is_empty() {
             return Err(SyncError::NotInstalled);
         }

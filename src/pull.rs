@@ -95,7 +95,7 @@ fn pull_page<T>(tenant: &str, since: i64, max_changes: i32, take: impl FnOnce(Sp
         let settings = authorize(engine, tenant)?;
         let limit = max_changes.min(settings.max_pull_changes);
         let args = [tenant.into(), since.into(), limit.into(), settings.max_pull_bytes.into()];
-        Spi::connect(|client| take(crate::plans::select(&client, PULL_PAGE, Some(1), &args)?))
+        Spi::connect(|client| take(crate::plans::select(client, PULL_PAGE, Some(1), &args)?))
     })
 }
 
