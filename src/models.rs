@@ -366,7 +366,11 @@ impl Model {
                     all_columns.push((*key).clone());
                 }
             }
-            let updated: Vec<&String> = all_columns.iter().filter(|column| !key_names.contains(column)).collect();
+            // The tenant column is never updated: the guard keeps the statement to the pushing tenant's rows,
+            // and a device needs no UPDATE privilege on it.
+            let tenant_column = self.tenant_column().map(|column| &column.name);
+            let updated: Vec<&String> =
+                all_columns.iter().filter(|column| !key_names.contains(column) && Some(*column) != tenant_column).collect();
             let assignments = if updated.is_empty() {
                 format!("{0} = excluded.{0}", quote_identifier(key_names[0]))
             } else {

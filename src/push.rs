@@ -39,29 +39,28 @@ fn sync_push_msgpack(tenant: &str, changes: ByteaBody) -> Result<Vec<u8>, ErrorR
 /// decoded and bound tables written with the caller's rights (see [`crate::identity`]).
 pub fn push(tenant: &str, body: &Body, read: impl FnOnce() -> SyncResult<Value>) -> SyncResult<PushResponse> {
     validate_tenant(tenant)?;
-    let settings = as_engine(|engine| authorize(engine, tenant))?;
-    body.check_size("changes", settings.max_push_bytes)?;
-    let mut changes = parse_changes(&read()?, &settings.push_limits())?;
-    let skew = settings.max_clock_skew_ms;
-    if changes.is_empty() {
-        let cursor = as_engine(|_| Spi::connect(|client| storage::last_seq(client, tenant)))?;
-        return Ok(PushResponse { cursor, results: Vec::new() });
-    }
-    storage::require_primary("sync_push")?;
-    let names: BTreeSet<&str> = changes.iter().map(|change| change.model.as_str()).collect();
-    let names: Vec<&str> = names.into_iter().collect();
-    let unbound = as_engine(|_| Spi::connect_mut(|client| {
-        let models = Model::load_named(client, &names)?;
-        if !models.is_empty() {
-            return Ok(Err(models));
-        }
-        let state = storage::lock_tenant(client, tenant)?;
-        let outcome = store_batch(client, tenant, &state, &changes, HashMap::new(), skew)?;
-        Ok(Ok(PushResponse { cursor: outcome.last_seq, results: outcome.results }))
-    }))?;
-    let models = match unbound {
-        Ok(response) => return Ok(response),
-        Err(models) => models,
+    // Batches of unbound models are done in one pass by the engine (reading the body runs no SQL).
+    let (mut changes, skew, models) = match as_engine(|engine| {
+        let settings = authorize(engine, tenant)?;
+        body.check_size("changes", settings.max_push_bytes)?;
+        let changes = parse_changes(&read()?, &settings.push_limits())?;
+        Spi::connect_mut(|client| {
+            if changes.is_empty() {
+                return Ok(FirstPass::Done(PushResponse { cursor: storage::last_seq(client, tenant)?, results: Vec::new() }));
+            }
+            storage::require_primary("sync_push")?;
+            let names: BTreeSet<&str> = changes.iter().map(|change| change.model.as_str()).collect();
+            let models = Model::load_named(client, &names.into_iter().collect::<Vec<_>>())?;
+            if !models.is_empty() {
+                return Ok(FirstPass::Bound(changes, settings.max_clock_skew_ms, models));
+            }
+            let state = storage::lock_tenant(client, tenant)?;
+            let outcome = store_batch(client, tenant, &state, &changes, HashMap::new(), settings.max_clock_skew_ms)?;
+            Ok(FirstPass::Done(PushResponse { cursor: outcome.last_seq, results: outcome.results }))
+        })
+    })? {
+        FirstPass::Done(response) => return Ok(response),
+        FirstPass::Bound(changes, skew, models) => (changes, skew, models),
     };
     let mut refused = models::normalize_changes(&mut changes, tenant, &models);
     let (state, mut outcome) = as_engine(|_| Spi::connect_mut(|client| {
@@ -85,6 +84,12 @@ pub fn push(tenant: &str, body: &Body, read: impl FnOnce() -> SyncResult<Value>)
     }))
 }
 
+/// How far the engine's first pass got: the whole push, or a batch of bound models to decode and write
+/// with the caller's rights (with the clock skew limit and the models).
+enum FirstPass {
+    Done(PushResponse),
+    Bound(Vec<Change>, i32, HashMap<String, Model>),
+}
 /// The final states of the registered models' rows that a batch changed, to write into their tables.
 fn pending_writes(outcome: &BatchOutcome, models: &HashMap<String, Model>) -> PendingWrites {
     let mut pending = PendingWrites::new();

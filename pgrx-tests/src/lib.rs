@@ -140,6 +140,27 @@ impl Cluster {
         Client::connect(&self.connection_string(db), NoTls).unwrap_or_else(|e| panic!("connecting to {db}: {e}"))
     }
 
+    /// Connects to database `db` as role `user` (trust authentication: no password).
+    pub fn connect_as(&self, db: &str, user: &str) -> Client {
+        self.connect_with_options(db, user, "")
+    }
+
+    /// Like [`Cluster::connect_as`], with libpq `options` sent at startup (what `PGOPTIONS` carries,
+    /// e.g. `"-c statement_timeout=1s"`).
+    pub fn connect_with_options(&self, db: &str, user: &str, options: &str) -> Client {
+        self.try_connect_with_options(db, user, options).unwrap_or_else(|e| panic!("connecting to {db} as {user} ({options:?}): {e}"))
+    }
+
+    /// Like [`Cluster::connect_with_options`], returning the error of a refused connection.
+    pub fn try_connect_with_options(&self, db: &str, user: &str, options: &str) -> Result<Client, postgres::Error> {
+        let mut config = postgres::Config::new();
+        config.host("127.0.0.1").port(self.port).user(user).dbname(db);
+        if !options.is_empty() {
+            config.options(options);
+        }
+        config.connect(NoTls)
+    }
+
     /// Creates database `name` with sync_ext installed and returns its connection string.
     pub fn create_database(&self, name: &str) -> String {
         self.connect("postgres").batch_execute(&format!("CREATE DATABASE \"{name}\"")).expect("CREATE DATABASE");

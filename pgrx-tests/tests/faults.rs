@@ -13,11 +13,12 @@ use sync_ext_protocol::{Change, Op, Status};
 
 type Row = Map<String, Value>;
 
-/// Waits until the cluster accepts connections again (after crash recovery or a restart).
+/// Waits until the cluster serves queries again (after crash recovery or a restart: a connection made
+/// while the postmaster is still resetting is closed under it).
 fn reconnect(url: &str) -> Client {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        match Client::connect(url, NoTls) {
+        match Client::connect(url, NoTls).and_then(|mut client| client.simple_query("SELECT 1").map(|_| client)) {
             Ok(client) => return client,
             Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(100)),
             Err(error) => panic!("the server did not come back: {error}"),
@@ -59,7 +60,8 @@ fn a_backend_killed_mid_push_leaves_nothing_partial_and_the_re_push_applies_once
     let killed = Command::new("kill").args(["-9", &pid.to_string()]).status().unwrap();
     assert!(killed.success());
     assert!(pushing.join().unwrap().is_err(), "the killed push reports an error to its client");
-
+    // The postmaster notices the crash and resets every backend; let it begin before reconnecting.
+    std::thread::sleep(Duration::from_millis(300));
     let mut client = reconnect(&url);
     assert_eq!(count(&mut client, "SELECT count(*) FROM items"), 0, "no row of the killed push survived");
     assert_eq!(count(&mut client, "SELECT count(*) FROM sync_ext.op_log"), 0);

@@ -156,10 +156,21 @@ fn pg_dump_and_pg_restore_keep_every_change_cursor_grant_and_model() {
 
 #[test]
 fn upgrading_from_0_1_0_keeps_data_and_behaviour() {
+    upgrade_keeps_data_and_behaviour("0.1.0");
+}
+
+#[test]
+fn upgrading_from_0_2_0_keeps_data_and_behaviour() {
+    upgrade_keeps_data_and_behaviour("0.2.0");
+}
+
+/// Installs released version `from`, fills it, updates to the current version and checks that the data,
+/// the behaviour and the schema are those of a fresh install.
+fn upgrade_keeps_data_and_behaviour(from: &str) {
     let cluster = Cluster::start();
     cluster.connect("postgres").batch_execute("CREATE DATABASE old").unwrap();
     let mut old = cluster.connect("old");
-    old.batch_execute("CREATE EXTENSION sync_ext VERSION '0.1.0'").unwrap();
+    old.batch_execute(&format!("CREATE EXTENSION sync_ext VERSION '{from}'")).unwrap();
     // Between installing new binaries and ALTER EXTENSION UPDATE, plain SQL writes are still captured and
     // the sync functions say what to do.
     old.batch_execute(

@@ -2,7 +2,7 @@
 //! a statement marked `-- error NNNNN` fails with that SQLSTATE. Then a device logs in as the section
 //! sets it up and can do exactly what it says.
 
-use postgres::{Client, NoTls};
+use postgres::Client;
 use sync_ext_pgrx_tests::Cluster;
 
 /// The SQL code blocks of the README section headed `heading`.
@@ -70,7 +70,7 @@ fn the_security_section_runs_as_written_and_its_device_can_do_what_it_says() {
 
     // The device logs in as itself.
     admin.batch_execute("SELECT sync_configure('jwt_tenant_claim', NULL)").unwrap();
-    let mut device = Client::connect(&cluster.connection_string("app").replace("user=postgres", "user=device_7f1e"), NoTls).unwrap();
+    let mut device = cluster.connect_as("app", "device_7f1e");
     let page: serde_json::Value = device.query_one("SELECT sync_pull('acme', 0)", &[]).unwrap().get(0);
     let models: Vec<&str> = page["changes"].as_array().unwrap().iter().map(|change| change["model"].as_str().unwrap()).collect();
     assert_eq!(models, ["note", "todo"], "the note and the todo it pushed");
