@@ -69,9 +69,7 @@ impl SyncError {
             SyncError::Wire(WireError { kind: WireErrorKind::InvalidText, .. }) => {
                 PgSqlErrorCode::ERRCODE_INVALID_TEXT_REPRESENTATION
             }
-            SyncError::Wire(WireError { kind: WireErrorKind::TooLarge, .. }) | SyncError::BodyTooLarge { .. } => {
-                PgSqlErrorCode::ERRCODE_PROGRAM_LIMIT_EXCEEDED
-            }
+            SyncError::BodyTooLarge { .. } => PgSqlErrorCode::ERRCODE_PROGRAM_LIMIT_EXCEEDED,
             SyncError::Wire(_) | SyncError::InvalidArgument { .. } => PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
             SyncError::UnsupportedType { .. } | SyncError::UnsupportedColumn { .. } => {
                 PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED

@@ -334,26 +334,26 @@ impl Model {
 
     /// Writes final row states into the table (`None`: the row is deleted): one statement per
     /// column set. Returns the pks of rows that belong to another tenant and were left alone.
-    fn write(&self, client: &mut SpiClient<'_>, tenant: &str, rows: &[(String, Option<Map<String, Value>>)]) -> Result<Vec<String>, String> {
+    fn write(&self, client: &mut SpiClient<'_>, tenant: &str, rows: &[(String, RowWrite)]) -> Result<Vec<String>, String> {
         let key_names: Vec<&String> = self.primary_key.iter().map(|&index| &self.fields[index].name).collect();
         let tenant_guard = |alias: &str| match self.tenant_column() {
             Some(column) => format!(" AND {alias}.{} OPERATOR(pg_catalog.=) $2", quote_identifier(&column.name)),
             None => String::new(),
         };
-        let mut upserts: BTreeMap<Vec<String>, Vec<(&str, &Row)>> = BTreeMap::new();
+        let mut upserts: BTreeMap<(Vec<String>, bool), Vec<(&str, &Row)>> = BTreeMap::new();
         let mut deletes: Vec<&str> = Vec::new();
         for (pk, row) in rows {
             match row {
-                Some(row) => {
-                    let mut columns: Vec<String> = row.keys().cloned().collect();
+                RowWrite::Upsert { fields, others_default } => {
+                    let mut columns: Vec<String> = fields.keys().cloned().collect();
                     columns.extend(self.tenant_column().map(|column| column.name.clone()));
-                    upserts.entry(columns).or_default().push((pk.as_str(), row));
+                    upserts.entry((columns, *others_default)).or_default().push((pk.as_str(), fields));
                 }
-                None => deletes.push(pk.as_str()),
+                RowWrite::Delete => deletes.push(pk.as_str()),
             }
         }
         let mut foreign = Vec::new();
-        for (columns, group) in upserts {
+        for ((columns, others_default), group) in upserts {
             let mut records = Vec::with_capacity(group.len());
             for (pk, row) in &group {
                 let mut full = (*row).clone();
@@ -371,11 +371,17 @@ impl Model {
             let tenant_column = self.tenant_column().map(|column| &column.name);
             let updated: Vec<&String> =
                 all_columns.iter().filter(|column| !key_names.contains(column) && Some(*column) != tenant_column).collect();
-            let assignments = if updated.is_empty() {
-                format!("{0} = excluded.{0}", quote_identifier(key_names[0]))
-            } else {
-                updated.iter().map(|column| format!("{0} = excluded.{0}", quote_identifier(column))).collect::<Vec<_>>().join(", ")
-            };
+            let mut assignments: Vec<String> = updated.iter().map(|column| format!("{0} = excluded.{0}", quote_identifier(column))).collect();
+            if others_default {
+                let hidden = self.fields.iter().filter(|field| {
+                    !field.generated && !all_columns.contains(&field.name) && Some(&field.name) != tenant_column
+                });
+                assignments.extend(hidden.map(|field| format!("{} = DEFAULT", quote_identifier(&field.name))));
+            }
+            if assignments.is_empty() {
+                assignments.push(format!("{0} = excluded.{0}", quote_identifier(key_names[0])));
+            }
+            let assignments = assignments.join(", ");
             let guard = tenant_guard("t");
             let statement = format!(
                 "INSERT INTO {table} AS t ({columns}) SELECT {values} FROM pg_catalog.unnest($1) AS r
@@ -383,7 +389,7 @@ impl Model {
                  RETURNING {returned}",
                 table = self.table,
                 columns = self.columns_sql(all_columns.iter(), ""),
-                values = self.columns_sql(all_columns.iter(), "(r)."),
+                values = self.columns_sql(all_columns.iter(), "r."),
                 keys = self.columns_sql(key_names.iter().copied(), ""),
                 where_guard = if guard.is_empty() { String::new() } else { format!("WHERE {}", &guard[5..]) },
                 returned = self.columns_sql(key_names.iter().copied(), "t."),
@@ -413,7 +419,7 @@ impl Model {
                 records.push(self.record(&self.pk_fields(pk)?, tenant)?);
             }
             let matches =
-                key_names.iter().map(|key| format!("t.{0} OPERATOR(pg_catalog.=) (r).{0}", quote_identifier(key))).collect::<Vec<_>>().join(" AND ");
+                key_names.iter().map(|key| format!("t.{0} OPERATOR(pg_catalog.=) r.{0}", quote_identifier(key))).collect::<Vec<_>>().join(" AND ");
             let statement = format!("DELETE FROM {} AS t USING pg_catalog.unnest($1) AS r WHERE {matches}{}", self.table, tenant_guard("t"));
             client.update(&statement, None, &[self.records_argument(records), tenant.into()]).map_err(|error| refusal("invalid_value", error))?;
         }
@@ -421,8 +427,28 @@ impl Model {
     }
 }
 
-/// Rows of registered models whose final state a batch must write, by model: (pk, row or `None` if deleted).
-pub type PendingWrites = HashMap<String, Vec<(String, Option<Map<String, Value>>)>>;
+/// The state a row of a bound table must be left in after a push: the merge's visible row.
+#[derive(Clone, Debug)]
+pub enum RowWrite {
+    /// The row holds exactly `fields`; with `others_default` (a delete once hid fields of the row),
+    /// every other column is set as a fresh INSERT of those fields would leave it (its default, else NULL).
+    Upsert { fields: Map<String, Value>, others_default: bool },
+    /// The row is absent.
+    Delete,
+}
+
+impl RowWrite {
+    /// What the table must hold for a row in merge state `state`.
+    pub fn of(state: &sync_ext_protocol::RowState) -> RowWrite {
+        match state.visible() {
+            Some(fields) => RowWrite::Upsert { fields, others_default: state.deleted_hlc.is_some() },
+            None => RowWrite::Delete,
+        }
+    }
+}
+
+/// Rows of registered models whose final state a batch must write, by model: (pk, state to write).
+pub type PendingWrites = HashMap<String, Vec<(String, RowWrite)>>;
 
 /// Writes a batch's row states into the registered tables with the caller's rights (its privileges,
 /// the tables' row-level security, triggers and defaults apply as to its own SQL), isolating failures:
@@ -437,7 +463,7 @@ fn write_rows_with(client: &mut SpiClient<'_>, tenant: &str, models: &HashMap<St
     let mut refused = HashMap::new();
     for (model_name, rows) in pending {
         let model = &models[model_name];
-        let mut record = |rows: &[(String, Option<Map<String, Value>>)], refused: &mut HashMap<RowKey, String>| -> bool {
+        let mut record = |rows: &[(String, RowWrite)], refused: &mut HashMap<RowKey, String>| -> bool {
             match in_subtransaction(|| model.write(client, tenant, rows)) {
                 Ok(Ok(foreign)) => {
                     for pk in foreign {
@@ -468,14 +494,15 @@ fn write_rows_with(client: &mut SpiClient<'_>, tenant: &str, models: &HashMap<St
     refused
 }
 
-/// Checks every change of a registered model and puts its value in the form the table holds.
+/// Checks every change of a registered model (but those `already_refused`) and puts its value in the form the table holds.
 /// Returns the refused changes (by index) with reasons. Values out of a column's range raise
 /// Postgres errors, so the batch is checked in one subtransaction, then change by change if that fails.
-pub fn normalize_changes(changes: &mut [Change], tenant: &str, models: &HashMap<String, Model>) -> HashMap<usize, String> {
+pub fn normalize_changes(changes: &mut [Change], tenant: &str, models: &HashMap<String, Model>, already_refused: &HashMap<usize, String>) -> HashMap<usize, String> {
     let normalize_all = |changes: &[Change], indexes: &[usize]| -> Vec<(usize, Normalized)> {
         indexes.iter().map(|&index| (index, models[&changes[index].model].normalize(&changes[index], tenant))).collect()
     };
-    let registered: Vec<usize> = (0..changes.len()).filter(|&index| models.contains_key(&changes[index].model)).collect();
+    let registered: Vec<usize> =
+        (0..changes.len()).filter(|&index| models.contains_key(&changes[index].model) && !already_refused.contains_key(&index)).collect();
     let results = match in_subtransaction(|| normalize_all(changes, &registered)) {
         Ok(results) => results,
         Err(_) => registered
@@ -646,6 +673,91 @@ mod tests {
         Spi::run(&format!("SET LOCAL sync_ext.actor = 'admin-panel'; DELETE FROM todos WHERE id = '{TODO_1}'")).unwrap();
         let deleted = &pull("acme", 2, 10)["changes"][0];
         assert_eq!((deleted["op"].clone(), deleted["actor"].clone(), deleted["pk"].clone()), (json!("delete"), json!("admin-panel"), json!(TODO_1)));
+    }
+
+    /// A change of todo `pk` at second `second` of the test clock.
+    fn at(n: u32, pk: &str, op: &str, second: u32, value: Value) -> Value {
+        let mut change = change(n, pk, op, value);
+        change["hlc"] = json!(format!("2026-01-01T00:00:{second:02}.000Z-0000"));
+        change
+    }
+
+    fn row(pk: &str) -> Option<String> {
+        text(&format!("SELECT (SELECT format('%s|%s|%s', title, done, coalesce(priority::text, 'NULL')) FROM todos WHERE id = '{pk}')"))
+    }
+
+    #[pg_test]
+    fn a_late_delete_clears_the_fields_it_hides_from_the_table_too() {
+        create_todos();
+        push("acme", json!([at(1, TODO_1, "insert", 1, json!({"title": "milk", "priority": "1", "done": true})),
+                            at(2, TODO_1, "update", 5, json!({"title": "oat milk"}))]));
+        assert_eq!(row(TODO_1).as_deref(), Some("oat milk|t|1.00"));
+        assert_eq!(statuses(&push("acme", json!([at(3, TODO_1, "delete", 3, Value::Null)]))), ["applied"]);
+        assert_eq!(pull("acme", 2, 10)["changes"][0]["op"], "delete", "the delete hid the fields written before it");
+        assert_eq!(row(TODO_1).as_deref(), Some("oat milk|f|NULL"), "hidden columns are as a fresh insert leaves them");
+    }
+
+    #[pg_test]
+    fn a_delete_and_a_recreating_update_in_one_push_leave_only_the_new_fields() {
+        create_todos();
+        push("acme", json!([at(1, TODO_1, "insert", 1, json!({"title": "milk", "priority": "1"}))]));
+        push("acme", json!([at(2, TODO_1, "delete", 2, Value::Null), at(3, TODO_1, "update", 3, json!({"title": "bread"}))]));
+        assert_eq!(row(TODO_1).as_deref(), Some("bread|f|NULL"));
+    }
+
+    #[pg_test]
+    fn a_resurrection_that_leaves_a_not_null_column_without_value_is_rejected_like_an_insert_without_it() {
+        create_todos();
+        push("acme", json!([at(1, TODO_1, "insert", 1, json!({"title": "milk"})), at(2, TODO_1, "delete", 2, Value::Null)]));
+        let revived = push("acme", json!([at(3, TODO_1, "update", 3, json!({"priority": "2"}))]));
+        assert!(revived["results"][0]["reason"].as_str().unwrap().starts_with("constraint_violation: null value in column \"title\""), "{revived}");
+        assert_eq!(row(TODO_1), None, "the row stays deleted");
+    }
+
+    #[pg_test]
+    fn column_names_never_change_behaviour() {
+        // Named after every alias, keyword and name the engine's statements use, quoted, mixed-case and unicode.
+        Spi::run(
+            r#"CREATE TABLE weird ("n" int PRIMARY KEY, "o" text, "value" text, "row" text, "tenant_id" text, "op" text, "seq" int,
+                                  "r" text, "t" text, "excluded" text, "sync_ext_new" text, "sync_ext_old" text, "select" text,
+                                  "Mixed Case" text, "quo""ted" text, "ñandú" text, "owner" text NOT NULL);
+               SELECT sync_register_model('weird', 'weird', tenant_column => 'owner');"#,
+        )
+        .unwrap();
+        let all = json!({"o": "o", "value": "v", "row": "w", "tenant_id": "ti", "op": "op", "seq": 7, "r": "r", "t": "t", "excluded": "x",
+                         "sync_ext_new": "sn", "sync_ext_old": "so", "select": "s", "Mixed Case": "M", "quo\"ted": "q", "ñandú": "ñ"});
+        let mut pushed = change(1, "1", "insert", all.clone());
+        pushed["model"] = json!("weird");
+        assert_eq!(statuses(&push("acme", json!([pushed]))), ["applied"]);
+        let mut update = change(2, "1", "update", json!({"r": "r2", "ñandú": "ñ2"}));
+        update["model"] = json!("weird");
+        update["hlc"] = json!("2026-01-01T00:00:01.000Z-0000");
+        assert_eq!(statuses(&push("acme", json!([update]))), ["applied"]);
+        assert_eq!(text(r#"SELECT "r" || "ñandú" || "quo""ted" FROM weird WHERE n = 1"#).as_deref(), Some("r2ñ2q"));
+
+        Spi::run(r#"INSERT INTO weird ("n", "owner", "o", "Mixed Case") VALUES (2, 'acme', 'plain', 'MC')"#).unwrap();
+        Spi::run(r#"UPDATE weird SET "value" = 'changed', "t" = 't2' WHERE n = 2"#).unwrap();
+        Spi::run(r#"COPY weird ("n", "owner", "row") FROM PROGRAM 'printf "3\tacme\tcopied\n"'"#).unwrap();
+        Spi::run("DELETE FROM weird WHERE n = 1").unwrap();
+        let captured: Vec<(String, String, Value)> = pull("acme", 2, 10)["changes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| (c["op"].as_str().unwrap().to_owned(), c["pk"].as_str().unwrap().to_owned(), c["value"].clone()))
+            .collect();
+        let row_2 = json!({"n": 2, "o": "plain", "value": null, "row": null, "tenant_id": null, "op": null, "seq": null, "r": null, "t": null,
+                           "excluded": null, "sync_ext_new": null, "sync_ext_old": null, "select": null, "Mixed Case": "MC", "quo\"ted": null, "ñandú": null});
+        let mut row_3 = row_2.clone();
+        row_3.as_object_mut().unwrap().extend([("n".to_owned(), json!(3)), ("o".to_owned(), json!(null)), ("Mixed Case".to_owned(), json!(null)), ("row".to_owned(), json!("copied"))]);
+        assert_eq!(
+            captured,
+            [
+                ("insert".to_owned(), "2".to_owned(), row_2),
+                ("update".to_owned(), "2".to_owned(), json!({"value": "changed", "t": "t2"})),
+                ("insert".to_owned(), "3".to_owned(), row_3),
+                ("delete".to_owned(), "1".to_owned(), Value::Null),
+            ]
+        );
     }
 
     #[pg_test]

@@ -7,13 +7,13 @@ use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
 use serde_json::Value;
 use sync_ext_protocol::hlc::wall_clock_millis;
-use sync_ext_protocol::{merge_batch, parse_changes, validate_tenant, BatchContext, BatchOutcome, Change, PushResponse, Status};
+use sync_ext_protocol::{merge_batch, parse_changes, validate_tenant, BatchContext, BatchOutcome, Change, ParsedBatch, PushResponse, Status};
 
 use crate::auth::authorize;
 use crate::errors::{SyncError, SyncResult};
 use crate::identity::as_engine;
 use crate::jsonb::{Body, ByteaBody, JsonbBody, JsonbDatum};
-use crate::models::{self, Model, PendingWrites};
+use crate::models::{self, Model, PendingWrites, RowWrite};
 use crate::storage::{self, TenantState};
 
 /// Applies a batch of changes for `tenant` and returns one result per change plus the tenant's cursor.
@@ -40,10 +40,10 @@ fn sync_push_msgpack(tenant: &str, changes: ByteaBody) -> Result<Vec<u8>, ErrorR
 pub fn push(tenant: &str, body: &Body, read: impl FnOnce() -> SyncResult<Value>) -> SyncResult<PushResponse> {
     validate_tenant(tenant)?;
     // Batches of unbound models are done in one pass by the engine (reading the body runs no SQL).
-    let (mut changes, skew, models) = match as_engine(|engine| {
+    let (mut changes, mut refused, skew, models) = match as_engine(|engine| {
         let settings = authorize(engine, tenant)?;
         body.check_size("changes", settings.max_push_bytes)?;
-        let changes = parse_changes(&read()?, &settings.push_limits())?;
+        let ParsedBatch { changes, refused } = parse_changes(&read()?, &settings.push_limits())?;
         Spi::connect_mut(|client| {
             if changes.is_empty() {
                 return Ok(FirstPass::Done(PushResponse { cursor: storage::last_seq(client, tenant)?, results: Vec::new() }));
@@ -52,17 +52,19 @@ pub fn push(tenant: &str, body: &Body, read: impl FnOnce() -> SyncResult<Value>)
             let names: BTreeSet<&str> = changes.iter().map(|change| change.model.as_str()).collect();
             let models = Model::load_named(client, &names.into_iter().collect::<Vec<_>>())?;
             if !models.is_empty() {
-                return Ok(FirstPass::Bound(changes, settings.max_clock_skew_ms, models));
+                return Ok(FirstPass::Bound(changes, refused, settings.max_clock_skew_ms, models));
             }
             let state = storage::lock_tenant(client, tenant)?;
-            let outcome = store_batch(client, tenant, &state, &changes, HashMap::new(), settings.max_clock_skew_ms)?;
+            let outcome = store_batch(client, tenant, &state, &changes, refused, settings.max_clock_skew_ms)?;
             Ok(FirstPass::Done(PushResponse { cursor: outcome.last_seq, results: outcome.results }))
         })
     })? {
         FirstPass::Done(response) => return Ok(response),
-        FirstPass::Bound(changes, skew, models) => (changes, skew, models),
+        FirstPass::Bound(changes, refused, skew, models) => (changes, refused, skew, models),
     };
-    let mut refused = models::normalize_changes(&mut changes, tenant, &models);
+    for (index, reason) in models::normalize_changes(&mut changes, tenant, &models, &refused) {
+        refused.insert(index, reason);
+    }
     let (state, mut outcome) = as_engine(|_| Spi::connect_mut(|client| {
         let state = storage::lock_tenant(client, tenant)?;
         let outcome = merge(client, tenant, &state, &changes, refused.clone(), skew)?;
@@ -85,17 +87,17 @@ pub fn push(tenant: &str, body: &Body, read: impl FnOnce() -> SyncResult<Value>)
 }
 
 /// How far the engine's first pass got: the whole push, or a batch of bound models to decode and write
-/// with the caller's rights (with the clock skew limit and the models).
+/// with the caller's rights (with the changes refused so far, the clock skew limit and the models).
 enum FirstPass {
     Done(PushResponse),
-    Bound(Vec<Change>, i32, HashMap<String, Model>),
+    Bound(Vec<Change>, HashMap<usize, String>, i32, HashMap<String, Model>),
 }
 /// The final states of the registered models' rows that a batch changed, to write into their tables.
 fn pending_writes(outcome: &BatchOutcome, models: &HashMap<String, Model>) -> PendingWrites {
     let mut pending = PendingWrites::new();
     for ((model, pk), touched) in &outcome.rows {
         if models.contains_key(model) {
-            pending.entry(model.clone()).or_default().push((pk.clone(), touched.state.visible()));
+            pending.entry(model.clone()).or_default().push((pk.clone(), RowWrite::of(&touched.state)));
         }
     }
     pending

@@ -68,6 +68,8 @@ pub struct Field {
     pub position: usize,
     pub typmod: i32,
     pub codec: Codec,
+    /// A generated column (its value is computed, never written).
+    pub generated: bool,
 }
 
 /// The SQL name of a type, e.g. `numeric` or `public.mood`.
@@ -372,7 +374,7 @@ pub unsafe fn tuple_desc_fields(descriptor: pg_sys::TupleDesc) -> SyncResult<Vec
                 SyncError::UnsupportedType { type_name } => SyncError::UnsupportedColumn { column: name.clone(), type_name },
                 other => other,
             })?;
-            Ok(Field { name, position, typmod: attribute.atttypmod, codec })
+            Ok(Field { name, position, typmod: attribute.atttypmod, codec, generated: attribute.attgenerated != 0 })
         })
         .collect()
 }

@@ -55,7 +55,6 @@ fn hostile_pushes_are_refused_clearly_and_change_nothing() {
         ("nesting 200 levels deep", nested, "22023", "changes: is nested more than 128 levels deep"),
         ("a 10 MB body", json!([ten_megabytes]).to_string(), "54000", "changes: the body is 10485960 bytes, over max_push_bytes (8388608)"),
         ("an array of a million numbers", json!([huge_array]).to_string(), "54000", "changes: the body is"),
-        ("a 2 MB value", json!([two_megabytes]).to_string(), "54000", "changes[0].value: is over 1048576 bytes"),
         ("10,001 changes", too_many.to_string(), "22023", "changes: 10001 changes exceed max_push_changes (10000)"),
         ("a number beyond double precision", beyond_f64.to_owned(), "22023", "changes: holds a number beyond the range of double precision"),
         ("duplicate keys (jsonb keeps the last: a delete with a value)", duplicate_keys.to_owned(), "22023", "changes[0].value: a delete carries no value"),
@@ -97,4 +96,28 @@ fn hostile_pushes_are_refused_clearly_and_change_nothing() {
     assert_eq!(stored, format!("{sneaky_tenant} / todo\"; DELETE FROM sync_ext.snapshots; --"));
     let acme_rows: i64 = client.query_one("SELECT count(*) FROM sync_ext.snapshots WHERE tenant_id = 'acme'", &[]).unwrap().get(0);
     assert_eq!(acme_rows, 1, "nothing was deleted or dropped");
+
+    // Well formed but impossible to store: refused alone, the rest of the batch applies. jsonb cannot hold a
+    // NUL character, so only MessagePack can carry one to the server.
+    let mut nul_text = valid(12);
+    nul_text["value"] = json!({"title": "a\u{0}b"});
+    let batch = json!([valid(13), two_megabytes, nul_text, valid(14)]);
+    let packed = sync_ext_protocol::msgpack::encode(&batch).unwrap();
+    let response: Vec<u8> = client.query_one("SELECT sync_push_msgpack('acme', $1)", &[&packed]).unwrap().get(0);
+    let response: Value = sync_ext_protocol::msgpack::decode(&response).unwrap();
+    let outcomes: Vec<(String, String)> = response["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["status"].as_str().unwrap().to_owned(), r["reason"].as_str().unwrap_or_default().to_owned()))
+        .collect();
+    assert_eq!(
+        outcomes,
+        [
+            ("applied".to_owned(), String::new()),
+            ("rejected".to_owned(), "value_too_large: changes[1].value is over 1048576 bytes (max_value_bytes)".to_owned()),
+            ("rejected".to_owned(), "invalid_text: changes[2].value.title holds a NUL character, which Postgres cannot store".to_owned()),
+            ("applied".to_owned(), String::new()),
+        ]
+    );
 }

@@ -1,5 +1,6 @@
 //! Changes as clients send them, validated field by field.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::str::FromStr;
 
@@ -9,6 +10,7 @@ use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
 use crate::hlc::Hlc;
+use crate::wire::{REASON_INVALID_TEXT, REASON_VALUE_TOO_LARGE};
 
 /// Longest accepted model name, pk, actor and tenant, in bytes (they are index keys).
 pub const MAX_NAME_BYTES: usize = 255;
@@ -64,15 +66,13 @@ pub struct Change {
     pub value: Option<Map<String, Value>>,
 }
 
-/// How a malformed input is classified (maps to SQLSTATE 22023, 22P02 or 54000 in the extension).
+/// How a malformed input is classified (maps to SQLSTATE 22023 or 22P02 in the extension).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum WireErrorKind {
     /// A missing field, a wrong JSON type, a value out of range.
     InvalidValue,
     /// A string that does not parse as what it must be (uuid, hlc).
     InvalidText,
-    /// A value larger than the server accepts.
-    TooLarge,
 }
 
 /// What the server accepts in one push.
@@ -127,8 +127,17 @@ fn check_name(location: &str, text: &str, max_bytes: usize) -> Result<(), WireEr
     Ok(())
 }
 
-/// Parses a push body: a JSON array of changes within `limits`.
-pub fn parse_changes(input: &Value, limits: &Limits) -> Result<Vec<Change>, WireError> {
+/// A push body read: every change in order, and those that are well formed but cannot be stored
+/// (a value over the size limit, a NUL character in a string), by index, with the reasons they are refused.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ParsedBatch {
+    pub changes: Vec<Change>,
+    pub refused: HashMap<usize, String>,
+}
+
+/// Parses a push body: a JSON array of changes within `limits`. Malformed input is an error of the
+/// whole body; a change that cannot be stored is refused alone (see [`ParsedBatch`]).
+pub fn parse_changes(input: &Value, limits: &Limits) -> Result<ParsedBatch, WireError> {
     let max_changes = limits.max_changes;
     let items = input
         .as_array()
@@ -139,7 +148,47 @@ pub fn parse_changes(input: &Value, limits: &Limits) -> Result<Vec<Change>, Wire
             format!("{} changes exceed max_push_changes ({max_changes})", items.len()),
         ));
     }
-    items.iter().enumerate().map(|(index, item)| parse_change(index, item, limits.max_value_bytes)).collect()
+    let mut batch = ParsedBatch { changes: Vec::with_capacity(items.len()), refused: HashMap::new() };
+    for (index, item) in items.iter().enumerate() {
+        let mut change = parse_change(index, item)?;
+        if let Some(reason) = unstorable(index, &change, limits.max_value_bytes) {
+            // Its value is never used: free it now.
+            change.value = change.value.map(|_| Map::new());
+            batch.refused.insert(index, reason);
+        }
+        batch.changes.push(change);
+    }
+    Ok(batch)
+}
+
+/// Why a well-formed change cannot be stored, if it cannot: a value over `max_value_bytes`, or a NUL
+/// character (which Postgres text and jsonb cannot hold) in a field name or a string.
+fn unstorable(index: usize, change: &Change, max_value_bytes: usize) -> Option<String> {
+    let value = change.value.as_ref()?;
+    let size = value.iter().map(|(name, item)| name.len() + 4 + json_size(item, max_value_bytes)).sum::<usize>() + 2;
+    if size > max_value_bytes {
+        return Some(format!("{REASON_VALUE_TOO_LARGE}: changes[{index}].value is over {max_value_bytes} bytes (max_value_bytes)"));
+    }
+    let path = nul_path(value)?;
+    Some(format!("{REASON_INVALID_TEXT}: changes[{index}].value{path} holds a NUL character, which Postgres cannot store"))
+}
+
+/// Where in an object a NUL character stands (`.title`, `.tags[2]`), if anywhere.
+fn nul_path(fields: &Map<String, Value>) -> Option<String> {
+    fn within(value: &Value) -> Option<String> {
+        match value {
+            Value::String(text) => text.contains('\0').then(String::new),
+            Value::Array(items) => items.iter().enumerate().find_map(|(i, item)| within(item).map(|rest| format!("[{i}]{rest}"))),
+            Value::Object(fields) => nul_path(fields),
+            _ => None,
+        }
+    }
+    fields.iter().find_map(|(name, item)| {
+        if name.contains('\0') {
+            return Some(format!(".{}", name.escape_debug()));
+        }
+        within(item).map(|rest| format!(".{name}{rest}"))
+    })
 }
 
 /// The size of a value's compact JSON, counted without writing it (stops counting past `limit`).
@@ -159,7 +208,7 @@ fn json_size(value: &Value, limit: usize) -> usize {
     }
 }
 
-fn parse_change(index: usize, item: &Value, max_value_bytes: usize) -> Result<Change, WireError> {
+fn parse_change(index: usize, item: &Value) -> Result<Change, WireError> {
     let at = |field: &str| format!("changes[{index}].{field}");
     let object = item
         .as_object()
@@ -190,17 +239,7 @@ fn parse_change(index: usize, item: &Value, max_value_bytes: usize) -> Result<Ch
         (Op::Delete, Some(other)) => {
             return Err(WireError::invalid(at("value"), format!("a delete carries no value, got {}", json_type(other))))
         }
-        (_, Some(value @ Value::Object(fields))) => {
-            let size = json_size(value, max_value_bytes);
-            if size > max_value_bytes {
-                return Err(WireError {
-                    kind: WireErrorKind::TooLarge,
-                    location: at("value"),
-                    problem: format!("is over {max_value_bytes} bytes (max_value_bytes)"),
-                });
-            }
-            Some(fields.clone())
-        }
+        (_, Some(Value::Object(fields))) => Some(fields.clone()),
         (_, None) => return Err(WireError::invalid(at("value"), format!("is missing (an {} needs an object)", op.as_str()))),
         (_, Some(other)) => return Err(WireError::invalid(at("value"), format!("expected an object, got {}", json_type(other)))),
     };
@@ -302,7 +341,7 @@ mod tests {
 
     #[test]
     fn parses_a_valid_change() {
-        let changes = parse_changes(&json!([valid()]), &LIMITS).unwrap();
+        let changes = parse_changes(&json!([valid()]), &LIMITS).unwrap().changes;
         assert_eq!(changes[0].op, Op::Insert);
         assert_eq!(changes[0].value.as_ref().unwrap()["title"], "x");
     }
@@ -328,14 +367,25 @@ mod tests {
         assert_eq!(parse_changes(&json!({}), &LIMITS).unwrap_err().location, "changes");
         let one = Limits { max_changes: 1, ..LIMITS };
         assert_eq!(parse_changes(&json!([valid(), valid()]), &one).unwrap_err().location, "changes");
+    }
+
+    #[test]
+    fn a_change_that_cannot_be_stored_is_refused_alone() {
         let mut large = valid();
         large["value"] = json!({"blob": "x".repeat(2000)});
-        assert_eq!(error_of(large).kind, WireErrorKind::TooLarge);
+        let mut nul = valid();
+        nul["value"] = json!({"tags": ["ok", "a\u{0}b"]});
+        let batch = parse_changes(&json!([valid(), large, nul, valid()]), &LIMITS).unwrap();
+        assert_eq!(batch.changes.len(), 4);
+        assert_eq!(batch.refused.len(), 2);
+        assert_eq!(batch.refused[&1], "value_too_large: changes[1].value is over 1000 bytes (max_value_bytes)");
+        assert_eq!(batch.refused[&2], "invalid_text: changes[2].value.tags[1] holds a NUL character, which Postgres cannot store");
+        assert_eq!(batch.changes[1].value, Some(Map::new()), "the refused value is not kept");
     }
 
     #[test]
     fn payload_hash_is_the_sha256_of_the_canonical_form() {
-        let mut change = parse_changes(&json!([valid()]), &LIMITS).unwrap().remove(0);
+        let mut change = parse_changes(&json!([valid()]), &LIMITS).unwrap().changes.remove(0);
         change.value = Some(json!({"z": [1, "é\"", {"b": null, "a": 2.5}], "a": true}).as_object().unwrap().clone());
         let canonical = format!(
             r#"{{"actor":"{}","hlc":"{}","model":"{}","op":"{}","pk":"{}","value":{{"a":true,"z":[1,"é\"",{{"a":2.5,"b":null}}]}}}}"#,
@@ -347,7 +397,7 @@ mod tests {
 
     #[test]
     fn payload_hash_ignores_key_order_and_op_id_but_not_content() {
-        let a = parse_changes(&json!([valid()]), &LIMITS).unwrap().remove(0);
+        let a = parse_changes(&json!([valid()]), &LIMITS).unwrap().changes.remove(0);
         let mut b = a.clone();
         b.op_id = Uuid::nil();
         assert_eq!(a.payload_hash(), b.payload_hash());

@@ -22,7 +22,7 @@ pub mod stored;
 pub mod wire;
 
 pub use batch::{merge_all, merge_batch, BatchContext, BatchOutcome, LoggedOp, RowKey};
-pub use change::{parse_changes, validate_tenant, Change, Op, WireError, WireErrorKind};
+pub use change::{parse_changes, validate_tenant, Change, Op, ParsedBatch, WireError, WireErrorKind};
 pub use hlc::{Hlc, HlcClock};
 pub use merge::{Existence, FieldRegister, RowState, Stamp, Won};
 pub use stored::StoredRow;
