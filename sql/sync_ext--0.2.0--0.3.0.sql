@@ -52,10 +52,17 @@ AS 'MODULE_PATHNAME', 'may_access_wrapper';
 CREATE POLICY tenant_rows ON sync_ext.op_log FOR SELECT USING (sync_ext.may_access(tenant_id));
 CREATE POLICY tenant_rows ON sync_ext.snapshots FOR SELECT USING (sync_ext.may_access(tenant_id));
 
+-- Backends keep what they read of the grants and the settings until these triggers say they changed.
+CREATE FUNCTION sync_ext.access_changed() RETURNS trigger LANGUAGE c AS 'MODULE_PATHNAME', 'access_changed_wrapper';
+CREATE TRIGGER access_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON sync_ext.grants
+    FOR EACH STATEMENT EXECUTE FUNCTION sync_ext.access_changed();
+CREATE TRIGGER access_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON sync_ext.settings
+    FOR EACH STATEMENT EXECUTE FUNCTION sync_ext.access_changed();
+
 -- Administration is the owner's; internal functions are nobody else's.
 REVOKE EXECUTE ON FUNCTION sync_grant_tenant(regrole, text), sync_revoke_tenant(regrole, text),
                            sync_register_model(text, regclass, text, text), sync_unregister_model(text),
                            sync_configure(text, text),
                            sync_ext.capture_insert(), sync_ext.capture_update(), sync_ext.capture_delete(),
-                           sync_ext.forbid_truncate(), sync_ext.forbid_op_log_update()
+                           sync_ext.forbid_truncate(), sync_ext.forbid_op_log_update(), sync_ext.access_changed()
     FROM PUBLIC;

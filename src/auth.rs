@@ -2,8 +2,16 @@
 //!
 //! A superuser and the extension's owner may sync every tenant; any other role only the tenants granted
 //! (`sync_grant_tenant`) to a role it is a member of, and, when the `jwt_tenant_claim` setting names a
-//! claim, only while `request.jwt.claims` carries that claim equal to the tenant. The grants and the
-//! settings are read in one statement, by the engine (see [`crate::identity`]).
+//! claim, only while `request.jwt.claims` carries that claim equal to the tenant.
+//!
+//! The grants and the settings are read by the engine (see [`crate::identity`]) in one statement and
+//! kept for the backend's life: statement triggers on `sync_ext.grants` and `sync_ext.settings` send a
+//! relation cache invalidation when they change (at commit to other backends, at once to this one), and
+//! the cache is dropped when it arrives. Role membership itself is read from Postgres's caches each call.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::convert::Infallible;
 
 use pgrx::prelude::*;
 use serde_json::Value;
@@ -24,26 +32,109 @@ pub fn authorize(engine: &Engine, tenant: &str) -> SyncResult<Settings> {
 
 /// The settings, and whether the caller may access `tenant`.
 fn access(engine: &Engine, tenant: &str) -> SyncResult<(Settings, bool)> {
-    engine.require_current_schema()?;
-    let (roles, names, values) = Spi::connect(|client| {
-        crate::plans::select(
+    let (settings, roles) = grants_and_settings(tenant)?;
+    let caller = engine.caller;
+    // SAFETY: catalog cache lookups of role membership.
+    let privileged = caller == engine.owner || unsafe { pg_sys::superuser_arg(caller) };
+    let granted = || roles.iter().any(|&role| unsafe { pg_sys::is_member_of_role(caller, role) });
+    let allowed = privileged || (granted() && settings.jwt_tenant_claim.as_deref().is_none_or(|claim| token_names(claim, tenant)));
+    Ok((settings, allowed))
+}
+
+/// What the engine keeps of `sync_ext.grants` and `sync_ext.settings` between calls.
+#[derive(Default)]
+struct Kept {
+    /// The invalidation generation the entries were read in.
+    generation: u64,
+    settings: Option<Settings>,
+    /// The roles granted each tenant looked up so far.
+    roles: HashMap<String, Vec<pg_sys::Oid>>,
+}
+
+/// The most tenants whose grants are kept; past it the map starts again.
+const KEPT_TENANTS: usize = 10_000;
+
+thread_local! {
+    static KEPT: RefCell<Kept> = RefCell::new(Kept::default());
+    /// Bumped by every invalidation of the grants or settings table (or of every relation).
+    static GENERATION: Cell<u64> = const { Cell::new(0) };
+    /// The oids of `sync_ext.grants` and `sync_ext.settings`, once known.
+    static WATCHED: Cell<[pg_sys::Oid; 2]> = const { Cell::new([pg_sys::InvalidOid; 2]) };
+}
+
+/// The settings and the roles granted `tenant`: kept ones while valid, else read in one statement (which
+/// also checks that the extension's SQL objects are those of this library).
+fn grants_and_settings(tenant: &str) -> SyncResult<(Settings, Vec<pg_sys::Oid>)> {
+    let generation = GENERATION.get();
+    let kept = KEPT.with_borrow(|kept| {
+        let fresh = kept.generation == generation;
+        Some((kept.settings.clone().filter(|_| fresh)?, kept.roles.get(tenant).filter(|_| fresh)?.clone()))
+    });
+    if let Some(kept) = kept {
+        return Ok(kept);
+    }
+    let (watched, roles, names, values) = Spi::connect(|client| {
+        // The version first: an older schema may lack the tables read next.
+        let version = crate::plans::select(client, "SELECT extversion FROM pg_catalog.pg_extension WHERE extname = 'sync_ext'", Some(1), &[])?;
+        let version = if version.is_empty() { None } else { version.first().get_one::<String>()? };
+        let library = env!("CARGO_PKG_VERSION");
+        match version {
+            Some(version) if version == library => {}
+            Some(version) => return Err(SyncError::OutdatedSchema { schema: version, library }),
+            None => return Err(SyncError::NotInstalled),
+        }
+        let row = crate::plans::select(
             client,
-            "SELECT ARRAY(SELECT g.role::oid FROM sync_ext.grants AS g WHERE g.tenant_id = $1),
+            "SELECT ARRAY['sync_ext.grants'::regclass::oid, 'sync_ext.settings'::regclass::oid],
+                    ARRAY(SELECT g.role::oid FROM sync_ext.grants AS g WHERE g.tenant_id = $1),
                     ARRAY(SELECT s.name FROM sync_ext.settings AS s),
                     ARRAY(SELECT s.value FROM sync_ext.settings AS s)",
             Some(1),
             &[tenant.into()],
         )?
-        .first()
-        .get_three::<Vec<pg_sys::Oid>, Vec<String>, Vec<String>>()
+        .first();
+        Ok::<_, SyncError>((row.get::<Vec<pg_sys::Oid>>(1)?, row.get::<Vec<pg_sys::Oid>>(2)?, row.get::<Vec<String>>(3)?, row.get::<Vec<String>>(4)?))
     })?;
+    if let Some([grants, settings]) = watched.as_deref() {
+        WATCHED.set([*grants, *settings]);
+    }
     let settings = Settings::from_rows(names.unwrap_or_default(), values.unwrap_or_default())?;
-    let caller = engine.caller;
-    // SAFETY: catalog cache lookups of role membership.
-    let privileged = caller == engine.owner || unsafe { pg_sys::superuser_arg(caller) };
-    let granted = || roles.unwrap_or_default().into_iter().any(|role| unsafe { pg_sys::is_member_of_role(caller, role) });
-    let allowed = privileged || (granted() && settings.jwt_tenant_claim.as_deref().is_none_or(|claim| token_names(claim, tenant)));
-    Ok((settings, allowed))
+    let roles = roles.unwrap_or_default();
+    KEPT.with_borrow_mut(|kept| {
+        if kept.generation != generation || kept.roles.len() >= KEPT_TENANTS {
+            *kept = Kept { generation, ..Kept::default() };
+        }
+        // Kept only if no invalidation arrived while reading.
+        if GENERATION.get() == generation {
+            kept.settings = Some(settings.clone());
+            kept.roles.insert(tenant.to_owned(), roles.clone());
+        }
+    });
+    Ok((settings, roles))
+}
+
+/// Registers [`forget_on_invalidation`] with the relation cache (once per backend, from `_PG_init`).
+pub fn register_invalidation_callback() {
+    // SAFETY: a callback with the signature Postgres expects, registered once per backend.
+    unsafe { pg_sys::CacheRegisterRelcacheCallback(Some(forget_on_invalidation), pg_sys::Datum::from(0)) };
+}
+
+/// Drops what is kept when the grants or settings table (or every relation) is invalidated. Runs inside
+/// Postgres's invalidation processing, so it only bumps a counter.
+#[pg_guard]
+unsafe extern "C-unwind" fn forget_on_invalidation(_argument: pg_sys::Datum, relation: pg_sys::Oid) {
+    if relation == pg_sys::InvalidOid || WATCHED.get().contains(&relation) {
+        GENERATION.set(GENERATION.get() + 1);
+    }
+}
+
+/// The trigger of `sync_ext.grants` and `sync_ext.settings`: tells every backend that what it kept of
+/// them is stale (a relation cache invalidation, sent at commit).
+#[pg_trigger(sql = false)]
+fn access_changed<'a>(trigger: &'a PgTrigger<'a>) -> Result<Option<PgHeapTuple<'a, AllocatedByPostgres>>, Infallible> {
+    // SAFETY: queues an invalidation of the trigger's own table.
+    unsafe { pg_sys::CacheInvalidateRelcacheByRelid(trigger.relid().expect("a trigger has a table")) };
+    Ok(None)
 }
 
 /// Whether the request's JWT (`request.jwt.claims`, as PostgREST sets it) has `claim` equal to `tenant`.

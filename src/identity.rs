@@ -1,7 +1,7 @@
 //! Under which identity the engine works: the one place that switches it.
 //!
 //! The SQL functions run with the caller's rights. Work on the sync tables runs in [`as_engine`]: as the
-//! extension's owner, inside a *security-restricted operation* (as Postgres runs maintenance commands),
+//! owner of the sync tables (the extension's owner), inside a *security-restricted operation* (as Postgres runs maintenance commands),
 //! with `search_path` pinned to `pg_catalog, pg_temp`. So nothing the caller controls is resolved there:
 //! not a function, operator, type or table of a schema it owns, nor anything in its temporary schema
 //! (Postgres never looks up functions and operators in `pg_temp` implicitly, and tables there come after
@@ -22,22 +22,8 @@ const ENGINE_SEARCH_PATH: &std::ffi::CStr = c"pg_catalog, pg_temp";
 pub struct Engine {
     /// The role that called the SQL function (the current user when [`as_engine`] was entered).
     pub caller: pg_sys::Oid,
-    /// The extension's owner, whose rights the engine works with.
+    /// The owner of the sync tables (the role that created the extension), whose rights the engine works with.
     pub owner: pg_sys::Oid,
-    /// The version of the extension's SQL objects (`ALTER EXTENSION sync_ext UPDATE` brings them to
-    /// the library's).
-    pub schema_version: String,
-}
-
-impl Engine {
-    /// Fails with 55000 unless the extension's SQL objects are those of this library.
-    pub fn require_current_schema(&self) -> SyncResult<()> {
-        let library = env!("CARGO_PKG_VERSION");
-        if self.schema_version != library {
-            return Err(SyncError::OutdatedSchema { schema: self.schema_version.clone(), library });
-        }
-        Ok(())
-    }
 }
 
 /// Puts back the identity, security context and settings that were in force before [`as_engine`]
@@ -80,7 +66,7 @@ pub fn as_engine<T>(work: impl FnOnce(&Engine) -> SyncResult<T>) -> SyncResult<T
         );
         restore
     };
-    let (owner, schema_version) = extension_owner()?;
+    let owner = sync_tables_owner()?;
     // SAFETY: as above; the restricted flag stays on, and the user is the owner until `Restore`.
     unsafe {
         pg_sys::SetUserIdAndSecContext(
@@ -88,21 +74,25 @@ pub fn as_engine<T>(work: impl FnOnce(&Engine) -> SyncResult<T>) -> SyncResult<T
             context | (pg_sys::SECURITY_RESTRICTED_OPERATION | pg_sys::SECURITY_LOCAL_USERID_CHANGE) as i32,
         )
     };
-    work(&Engine { caller: user, owner, schema_version })
+    work(&Engine { caller: user, owner })
 }
 
-/// The owner of the sync_ext extension (a superuser: the extension needs one to be created) and the
-/// version of its SQL objects. Only called with the search path pinned, so the lookup cannot be redirected.
-fn extension_owner() -> SyncResult<(pg_sys::Oid, String)> {
-    Spi::connect(|client| {
-        let found =
-            crate::plans::select(client, "SELECT extowner, extversion FROM pg_catalog.pg_extension WHERE extname = 'sync_ext'", Some(1), &[])?;
-        if found.is_empty() {
+/// The owner of `sync_ext.tenants`: the role that created the extension (a superuser, as the extension
+/// requires), read from the catalog caches.
+fn sync_tables_owner() -> SyncResult<pg_sys::Oid> {
+    // SAFETY: catalog cache lookups by name and oid; the tuple is released before returning.
+    unsafe {
+        let schema = pg_sys::get_namespace_oid(c"sync_ext".as_ptr(), true);
+        let tenants = if schema == pg_sys::InvalidOid { pg_sys::InvalidOid } else { pg_sys::get_relname_relid(c"tenants".as_ptr(), schema) };
+        if tenants == pg_sys::InvalidOid {
             return Err(SyncError::NotInstalled);
         }
-        match found.first().get_two::<pg_sys::Oid, String>()? {
-            (Some(owner), Some(version)) => Ok((owner, version)),
-            _ => Err(SyncError::NotInstalled),
+        let tuple = pg_sys::SearchSysCache1(pg_sys::SysCacheIdentifier::RELOID as i32, pg_sys::Datum::from(tenants));
+        if tuple.is_null() {
+            return Err(SyncError::NotInstalled);
         }
-    })
+        let owner = (*pg_sys::heap_tuple_get_struct::<pg_sys::FormData_pg_class>(tuple)).relowner;
+        pg_sys::ReleaseSysCache(tuple);
+        Ok(owner)
+    }
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 use postgres::Client;
 use serde_json::{json, Map, Value};
 use sync_ext_client::{Encoding, LocalStore, PgRemote, SyncClient};
-use sync_ext_pgrx_tests::{change, hlc_ago, pull_all, push, Cluster};
+use sync_ext_pgrx_tests::{change, hlc_ago, pull, pull_all, push, Cluster};
 use sync_ext_protocol::Op;
 
 type Row = Map<String, Value>;
@@ -224,4 +224,31 @@ fn upgrade_keeps_data_and_behaviour(from: &str) {
     assert_eq!(upgraded, fresh, "an upgraded database has the schema, functions, privileges and policies of a fresh one");
     old.batch_execute("UPDATE todos SET title = 'captured after the upgrade' WHERE id = 1").unwrap();
     assert_eq!(pull_all(&mut old, "acme", 4, 10).unwrap().changes.len(), 1, "capture triggers work after the upgrade");
+}
+
+#[test]
+fn long_lived_connections_follow_grant_and_setting_changes_at_once() {
+    let cluster = Cluster::start();
+    cluster.create_database("sync");
+    let mut admin = cluster.connect("sync");
+    admin.batch_execute("CREATE ROLE device LOGIN").unwrap();
+    let two = vec![
+        change(Op::Insert, "todo", "1", hlc_ago(2_000, 0), "admin", json!({"title": "a"})),
+        change(Op::Insert, "todo", "2", hlc_ago(1_000, 0), "admin", json!({"title": "b"})),
+    ];
+    push(&mut admin, "acme", &two).unwrap();
+    // A connection that has already been refused, and so has read (and kept) acme's grants.
+    let mut device = cluster.connect_as("sync", "device");
+    let code = |result: Result<sync_ext_protocol::PullResponse, postgres::Error>| result.err().and_then(|e| e.as_db_error().map(|db| db.code().code().to_owned()));
+    assert_eq!(code(pull(&mut device, "acme", 0, 1000)).as_deref(), Some("42501"));
+
+    admin.batch_execute("SELECT sync_grant_tenant('device', 'acme')").unwrap();
+    assert_eq!(pull(&mut device, "acme", 0, 1000).unwrap().changes.len(), 2, "the grant is seen by the next call");
+    admin.batch_execute("BEGIN; SELECT sync_configure('max_pull_changes', '1'); ROLLBACK").unwrap();
+    assert_eq!(pull(&mut device, "acme", 0, 1000).unwrap().changes.len(), 2, "a rolled back setting never applies");
+    admin.batch_execute("SELECT sync_configure('max_pull_changes', '1')").unwrap();
+    let capped = pull(&mut device, "acme", 0, 1000).unwrap();
+    assert!(capped.changes.len() == 1 && capped.has_more, "the new setting applies to the next call");
+    admin.batch_execute("SELECT sync_revoke_tenant('device', 'acme')").unwrap();
+    assert_eq!(code(pull(&mut device, "acme", 0, 1000)).as_deref(), Some("42501"), "a revoked grant is gone at once");
 }
