@@ -32,6 +32,11 @@ AS 'MODULE_PATHNAME', 'sync_configure_wrapper';
 -- Normalize what was carried over (units, defaults), through the one function that validates settings.
 SELECT sync_configure(name, value) FROM sync_ext.settings;
 
+-- Compaction forgets op_ids and deletes: changes stamped at or before what it removed are refused `stale`.
+ALTER TABLE sync_ext.tenants ADD COLUMN horizon_hlc text COLLATE "C";
+COMMENT ON COLUMN sync_ext.tenants.horizon_hlc IS
+    'The greatest hlc compaction removed from the log: pushed changes stamped at or before it are rejected stale.';
+
 -- Capture: the three trigger functions become the engine's C trigger function.
 CREATE OR REPLACE FUNCTION sync_ext.capture_insert() RETURNS trigger LANGUAGE c AS 'MODULE_PATHNAME', 'capture_wrapper';
 CREATE OR REPLACE FUNCTION sync_ext.capture_update() RETURNS trigger LANGUAGE c AS 'MODULE_PATHNAME', 'capture_wrapper';

@@ -27,13 +27,13 @@ fn compact(tenant: &str, keep: Interval) -> SyncResult<serde_json::Value> {
         authorize(engine, tenant)?;
         storage::require_primary("sync_compact")?;
         Spi::connect_mut(|client| {
-            storage::lock_tenant(client, tenant)?;
+            storage::lock_tenant(client, tenant, true)?;
             let result = client.update(
                 "WITH superseded AS (
                      DELETE FROM sync_ext.op_log AS o USING sync_ext.snapshots AS s
                       WHERE o.tenant_id = $1 AND s.tenant_id = $1 AND s.model = o.model AND s.id = o.pk
                         AND o.seq < s.seq AND o.logged_at <= now() - $2
-                     RETURNING o.seq),
+                     RETURNING o.seq, o.hlc),
                  dropped AS (
                      DELETE FROM sync_ext.snapshots AS s
                       WHERE s.tenant_id = $1 AND s.deleted
@@ -43,9 +43,10 @@ fn compact(tenant: &str, keep: Interval) -> SyncResult<serde_json::Value> {
                  tombstones AS (
                      DELETE FROM sync_ext.op_log AS o USING dropped AS d
                       WHERE o.tenant_id = $1 AND o.model = d.model AND o.pk = d.id
-                     RETURNING o.seq)
+                     RETURNING o.seq, o.hlc)
                  UPDATE sync_ext.tenants
-                    SET horizon = greatest(horizon, (SELECT max(seq) FROM superseded), (SELECT max(seq) FROM tombstones))
+                    SET horizon = greatest(horizon, (SELECT max(seq) FROM superseded), (SELECT max(seq) FROM tombstones)),
+                        horizon_hlc = greatest(horizon_hlc, (SELECT max(hlc) FROM superseded), (SELECT max(hlc) FROM tombstones))
                   WHERE tenant_id = $1
                  RETURNING jsonb_build_object('removed', (SELECT count(*) FROM superseded),
                                               'tombstones', (SELECT count(*) FROM dropped),
@@ -67,7 +68,7 @@ mod tests {
     use serde_json::{json, Map, Value};
     use sync_ext_protocol::{PullResponse, RowState};
 
-    use crate::testing::{change, pull, push};
+    use crate::testing::{change, fingerprint, pull, push};
 
     /// What a client holds after following pulls from `since` to the end, resets included.
     fn follow(tenant: &str, rows: &mut BTreeMap<(String, String), RowState>, mut cursor: i64, page: i32) -> (i64, usize) {
@@ -135,6 +136,26 @@ mod tests {
         assert_eq!(pull("t", 5, 100)["changes"].as_array().unwrap().len(), 1, "a cursor at the horizon continues from the log");
         assert_eq!(pull("t", 4, 100)["reset"], true, "a cursor below the horizon is reset");
         assert_eq!(pull("t", 7, 100)["reset"], true, "a cursor beyond the last seq (a restore) is reset");
+    }
+
+    #[pg_test]
+    fn changes_at_or_before_the_compaction_horizon_are_stale_and_change_nothing() {
+        let edit = change(2, "1", "update", "01.000", "a", json!({"done": true}));
+        let first = change(1, "1", "insert", "00.000", "a", json!({"title": "milk"}));
+        push("t", json!([first.clone(), edit.clone(), change(3, "2", "insert", "00.000", "a", json!({"title": "eggs"})),
+                         change(4, "2", "delete", "02.000", "a", Value::Null)]));
+        let compacted = Spi::get_one::<pgrx::JsonB>("SELECT sync_compact('t', '0 seconds')").unwrap().unwrap().0;
+        assert_eq!(compacted, json!({"removed": 2, "tombstones": 1, "horizon": 4}));
+        let before = fingerprint();
+        let mut other_payload = first.clone();
+        other_payload["value"] = json!({"title": "beer"});
+        let resends = push("t", json!([first, other_payload, change(5, "2", "update", "01.000", "b", json!({"title": "old edit"})), edit]));
+        let outcomes: Vec<Value> = resends["results"].as_array().unwrap().iter().map(|r| r["reason"].clone()).collect();
+        assert_eq!(outcomes, [json!("stale"), json!("stale"), json!("stale"), Value::Null], "compacted: stale whatever the payload");
+        assert_eq!(resends["results"][3]["status"], "duplicate", "a change still in the log is remembered");
+        assert_eq!(fingerprint(), before, "nothing changed");
+        let later = push("t", json!([change(6, "2", "insert", "02.001", "b", json!({"title": "new eggs"}))]));
+        assert_eq!(later["results"][0]["status"], "applied", "a change after the horizon applies");
     }
 
     #[pg_test]

@@ -54,7 +54,7 @@ pub fn push(tenant: &str, body: &Body, read: impl FnOnce() -> SyncResult<Value>)
             if !models.is_empty() {
                 return Ok(FirstPass::Bound(changes, refused, settings.max_clock_skew_ms, models));
             }
-            let state = storage::lock_tenant(client, tenant)?;
+            let state = storage::lock_tenant(client, tenant, true)?;
             let outcome = store_batch(client, tenant, &state, &changes, refused, settings.max_clock_skew_ms)?;
             Ok(FirstPass::Done(PushResponse { cursor: outcome.last_seq, results: outcome.results }))
         })
@@ -66,7 +66,7 @@ pub fn push(tenant: &str, body: &Body, read: impl FnOnce() -> SyncResult<Value>)
         refused.insert(index, reason);
     }
     let (state, mut outcome) = as_engine(|_| Spi::connect_mut(|client| {
-        let state = storage::lock_tenant(client, tenant)?;
+        let state = storage::lock_tenant(client, tenant, true)?;
         let outcome = merge(client, tenant, &state, &changes, refused.clone(), skew)?;
         Ok((state, outcome))
     }))?;
@@ -118,6 +118,7 @@ fn merge(
         logged: storage::logged_ops(client, tenant, changes)?,
         rows: storage::load_rows(client, tenant, changes)?,
         latest_allowed_millis: wall_clock_millis() + i64::from(max_clock_skew_ms),
+        stale_through: state.horizon_hlc,
         refused,
     };
     Ok(merge_batch(changes, context))

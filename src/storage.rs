@@ -43,28 +43,39 @@ pub struct TenantState {
     pub last_seq: i64,
     /// The greatest hlc applied so far.
     pub last_hlc: Option<Hlc>,
+    /// The greatest hlc compaction removed from the log: changes at or before it are `stale`.
+    pub horizon_hlc: Option<Hlc>,
 }
 
 /// Locks the tenant's counter row until the transaction ends (creating it on first use) and returns
 /// its counters. Pushes to one tenant run one after another from here on; other tenants never wait.
-pub fn lock_tenant(client: &mut SpiClient<'_>, tenant: &str) -> SyncResult<TenantState> {
-    let mut locked = plans::update(client, 
-        "SELECT last_seq, last_hlc FROM sync_ext.tenants WHERE tenant_id = $1 FOR NO KEY UPDATE",
+///
+/// Changes the server makes are stamped after everything the tenant has seen, so they are never stale:
+/// without `with_horizon` the compaction horizon is not read (capture then also works on the schema of
+/// an older version, between installing this library and `ALTER EXTENSION sync_ext UPDATE`).
+pub fn lock_tenant(client: &mut SpiClient<'_>, tenant: &str, with_horizon: bool) -> SyncResult<TenantState> {
+    let horizon = if with_horizon { "horizon_hlc" } else { "NULL::text" };
+    let mut locked = plans::update(
+        client,
+        &format!("SELECT last_seq, last_hlc, {horizon} FROM sync_ext.tenants WHERE tenant_id = $1 FOR NO KEY UPDATE"),
         Some(1),
         &[tenant.into()],
     )?;
     if locked.is_empty() {
-        locked = plans::update(client, 
-            "INSERT INTO sync_ext.tenants AS t (tenant_id) VALUES ($1)
-             ON CONFLICT (tenant_id) DO UPDATE SET last_seq = t.last_seq
-             RETURNING last_seq, last_hlc",
+        locked = plans::update(
+            client,
+            &format!(
+                "INSERT INTO sync_ext.tenants AS t (tenant_id) VALUES ($1)
+                 ON CONFLICT (tenant_id) DO UPDATE SET last_seq = t.last_seq
+                 RETURNING last_seq, last_hlc, {horizon}"
+            ),
             Some(1),
             &[tenant.into()],
         )?;
     }
-    let (last_seq, last_hlc) = locked.first().get_two::<i64, String>()?;
-    let last_hlc = last_hlc.map(|text| text.parse().map_err(|_| SyncError::CorruptTenant { tenant: tenant.to_owned() })).transpose()?;
-    Ok(TenantState { last_seq: last_seq.unwrap_or(0), last_hlc })
+    let (last_seq, last_hlc, horizon_hlc) = locked.first().get_three::<i64, String, String>()?;
+    let hlc = |text: Option<String>| text.map(|text| text.parse().map_err(|_| SyncError::CorruptTenant { tenant: tenant.to_owned() })).transpose();
+    Ok(TenantState { last_seq: last_seq.unwrap_or(0), last_hlc: hlc(last_hlc)?, horizon_hlc: hlc(horizon_hlc)? })
 }
 
 /// The batch's op_ids that are already in the log.

@@ -260,3 +260,57 @@ fn three_replicas_under_random_edits_and_syncs_end_identical_to_the_server() {
         })
         .expect("replicas converge");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_converge_across_compaction_even_one_that_slept_past_the_horizon() {
+    let (cluster, url) = start();
+    let replica = |actor: &str| client("acme", actor, LocalStore::memory(), PgRemote::new(&url));
+    let (a, b, sleeper) = (replica("a"), replica("b"), replica("sleeper"));
+    let kept_insert = a.insert("todo", "kept", &json!({"title": "kept", "n": 1})).unwrap();
+    a.insert("todo", "doomed", &json!({"title": "doomed"})).unwrap();
+    a.insert("todo", "gone", &json!({"title": "gone"})).unwrap();
+    a.sync().await.unwrap();
+    sleeper.sync().await.unwrap();
+    a.delete("todo", "gone").unwrap();
+    a.sync().await.unwrap();
+    sleeper.sync().await.unwrap();
+    assert!(!rows(&sleeper, "todo").contains_key("gone"), "the sleeper holds gone's tombstone");
+
+    // Offline, the sleeper edits a row that is deleted later elsewhere, and a row others keep editing.
+    sleeper.update("todo", "doomed", &json!({"title": "edited before its delete"})).unwrap();
+    sleeper.update("todo", "kept", &json!({"n": 2})).unwrap();
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    b.sync().await.unwrap();
+    b.delete("todo", "doomed").unwrap();
+    b.update("todo", "kept", &json!({"n": 3})).unwrap();
+    b.sync().await.unwrap();
+    a.sync().await.unwrap();
+    let compacted: Value = off_runtime(|| cluster.connect("sync").query_one("SELECT sync_compact('acme', '0 seconds')", &[]).unwrap().get(0));
+    assert!(compacted["tombstones"].as_i64().unwrap() >= 2, "the tombstones of gone and doomed were compacted: {compacted}");
+
+    // Its log gone, re-sending a compacted change changes nothing, whatever its payload.
+    let fingerprint = || count(&cluster, "SELECT sum(hashtext(s::text)) FROM sync_ext.snapshots AS s") + count(&cluster, "SELECT max(seq) FROM sync_ext.op_log");
+    let before = fingerprint();
+    let mut conflicting = kept_insert.clone();
+    conflicting.value = Some(json!({"title": "another payload"}).as_object().cloned().unwrap());
+    let resent = off_runtime(|| sync_ext_pgrx_tests::push(&mut cluster.connect("sync"), "acme", &[kept_insert, conflicting]).unwrap());
+    assert!(
+        resent.results.iter().all(|result| result.status == sync_ext_client::protocol::Status::Rejected { reason: "stale".into() }),
+        "{resent:?}"
+    );
+    let report = sleeper.sync().await.unwrap();
+    let reasons: Vec<&str> = report.rejected.iter().map(|rejection| rejection.reason.as_str()).collect();
+    assert_eq!(reasons, ["stale", "stale"], "both offline edits were made before the compaction horizon");
+    assert_eq!(fingerprint(), before, "the stale changes changed nothing on the server");
+
+    let fresh = replica("fresh");
+    fresh.sync().await.unwrap();
+    for replica in [&a, &b] {
+        replica.sync().await.unwrap();
+    }
+    let server = server_rows(&cluster, "acme", "todo");
+    assert_eq!(server.keys().collect::<Vec<_>>(), ["kept"]);
+    for (name, replica) in [("a", &a), ("b", &b), ("sleeper", &sleeper), ("fresh", &fresh)] {
+        assert_eq!(rows(replica, "todo"), server, "replica {name} holds the server's rows");
+    }
+}

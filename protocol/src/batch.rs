@@ -10,7 +10,8 @@ use uuid::Uuid;
 
 use crate::change::Change;
 use crate::merge::RowState;
-use crate::wire::{ChangeResult, Status, REASON_CLOCK_SKEW, REASON_OP_ID_CONFLICT};
+use crate::hlc::Hlc;
+use crate::wire::{ChangeResult, Status, REASON_CLOCK_SKEW, REASON_OP_ID_CONFLICT, REASON_STALE};
 
 /// A row's identity within a tenant: (model, pk).
 pub type RowKey = (String, String);
@@ -63,13 +64,17 @@ pub struct BatchContext {
     pub rows: HashMap<RowKey, RowState>,
     /// Changes whose hlc wall time is past this (milliseconds since the epoch) are rejected for clock skew.
     pub latest_allowed_millis: i64,
+    /// Changes stamped at or before this hlc are refused `stale`: compaction removed log entries up to
+    /// it, so such a change may be one whose op_id the log no longer remembers, or an edit to a row whose
+    /// delete was compacted away. Applying it could diverge from replicas that saw what was compacted.
+    pub stale_through: Option<Hlc>,
     /// Changes refused before merging (by index in the batch), with their reasons.
     pub refused: HashMap<usize, String>,
 }
 
 /// Decides the outcome of every change of a batch, in order.
 pub fn merge_batch(changes: &[Change], context: BatchContext) -> BatchOutcome {
-    let BatchContext { mut last_seq, mut logged, mut rows, latest_allowed_millis, refused } = context;
+    let BatchContext { mut last_seq, mut logged, mut rows, latest_allowed_millis, stale_through, refused } = context;
     let mut seen_unlogged: HashMap<Uuid, [u8; 32]> = HashMap::new();
     let mut outcome = BatchOutcome::default();
     for (index, change) in changes.iter().enumerate() {
@@ -81,6 +86,7 @@ pub fn merge_batch(changes: &[Change], context: BatchContext) -> BatchOutcome {
             Some((earlier_hash, _)) if earlier_hash != hash => Status::Rejected { reason: REASON_OP_ID_CONFLICT.into() },
             Some((_, Some(seq))) => Status::Duplicate { seq },
             _ if change.hlc.millis() > latest_allowed_millis => Status::Rejected { reason: REASON_CLOCK_SKEW.into() },
+            _ if stale_through.is_some_and(|horizon| change.hlc <= horizon) => Status::Rejected { reason: REASON_STALE.into() },
             _ => {
                 let key = (change.model.clone(), change.pk.clone());
                 let row = rows.entry(key.clone()).or_default();

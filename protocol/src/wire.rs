@@ -13,6 +13,8 @@ use crate::hlc::Hlc;
 pub const REASON_OP_ID_CONFLICT: &str = "op_id_conflict";
 /// Reason of a change refused because its hlc is too far ahead of the server clock.
 pub const REASON_CLOCK_SKEW: &str = "clock_skew";
+/// Reason of a change refused because it is stamped at or before the tenant's compaction horizon.
+pub const REASON_STALE: &str = "stale";
 /// Reason of a change refused because its value is over the server's `max_value_bytes`.
 pub const REASON_VALUE_TOO_LARGE: &str = "value_too_large";
 /// Reason of a change refused because a string of its value holds a NUL character.
