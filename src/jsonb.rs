@@ -110,19 +110,17 @@ body_argument!(JsonbBody, "jsonb");
 body_argument!(ByteaBody, "bytea");
 
 impl JsonbBody {
-    /// Parses the JSON; input serde cannot hold (nesting deeper than 128 levels, numbers beyond the
-    /// range of a double) is an error naming `argument`.
+    /// Parses the JSON; input that cannot be carried exactly (nesting deeper than 128 levels, a number
+    /// no double or 64-bit integer holds: see [`sync_ext_protocol::numbers`]) is an error naming `argument`.
     pub fn parse(&self, argument: &'static str) -> Result<serde_json::Value, SyncError> {
         // SAFETY: the datum is a jsonb (the function is declared with a jsonb argument); jsonb_out
         // returns a palloc'd C string.
         let text = unsafe { pgrx::fcinfo::direct_function_call::<&std::ffi::CStr>(pg_sys::jsonb_out, &[Some(self.0 .0)]) };
         let text = text.map(|text| text.to_string_lossy()).unwrap_or_default();
+        sync_ext_protocol::numbers::check_json_numbers(&text, argument)?;
         serde_json::from_str(&text).map_err(|error| {
             let problem = match error.to_string() {
                 text if text.starts_with("recursion limit exceeded") => "is nested more than 128 levels deep".to_owned(),
-                text if text.starts_with("number out of range") => {
-                    "holds a number beyond the range of double precision (send such numbers as strings)".to_owned()
-                }
                 text => format!("cannot be read: {text}"),
             };
             SyncError::InvalidArgument { argument, problem }

@@ -304,6 +304,43 @@ mod tests {
         assert_eq!(snapshot("t", "1").0, json!({"title": "oat milk", "done": true}));
     }
 
+    #[pg_test]
+    fn numbers_are_carried_exactly_or_refused_naming_the_field() {
+        let before = fingerprint();
+        for literal in ["18446744073709551617", "123456789012345678901234567890", "0.1000000000000000055511151231257827"] {
+            let body = format!(
+                r#"[{{"op_id": "00000000-0000-4000-8000-000000000001", "model": "todo", "pk": "1", "op": "insert",
+                     "hlc": "2026-01-01T00:00:00.000Z-0000", "actor": "a", "value": {{"ok": 0.5, "n": {literal}}}}}]"#
+            );
+            let error = error_of(&format!("SELECT sync_push('t', '{body}')"));
+            assert_eq!(error, format!("22023: changes[0].value.n: the number {literal} cannot be carried exactly as a JSON number (send it as a string)"));
+            let portable = error_of(&format!("SELECT sync_to_portable('{{\"n\": {literal}}}'::jsonb)"));
+            assert!(portable.starts_with("22023: value.n: the number"), "the portable converter refuses it too: {portable}");
+        }
+        assert_eq!(fingerprint(), before, "nothing was stored");
+        let exact = push("t", json!([change(2, "2", "insert", "00.000", "a", json!({"big": 9007199254740993u64, "max": u64::MAX, "tiny": 5e-324}))]));
+        assert_eq!(statuses(&exact), ["applied"]);
+        assert_eq!(pull("t", 0, 10)["changes"][0]["value"], json!({"big": 9007199254740993u64, "max": u64::MAX, "tiny": 5e-324}));
+    }
+
+    #[pg_test]
+    fn the_payload_hash_does_not_depend_on_how_a_number_is_spelled() {
+        let spelled = |n: &str| {
+            format!(
+                r#"[{{"op_id": "00000000-0000-4000-8000-000000000001", "model": "todo", "pk": "1", "op": "insert",
+                     "hlc": "2026-01-01T00:00:00.000Z-0000", "actor": "a", "value": {{"n": {n}, "half": 0.50}}}}]"#
+            )
+        };
+        let first = Spi::get_one::<pgrx::JsonB>(&format!("SELECT sync_push('t', '{}')", spelled("1"))).unwrap().unwrap().0;
+        assert_eq!(statuses(&first), ["applied"]);
+        for n in ["1.0", "1e0", "10e-1", "1.000"] {
+            let again = Spi::get_one::<pgrx::JsonB>(&format!("SELECT sync_push('t', '{}')", spelled(n))).unwrap().unwrap().0;
+            assert_eq!(again["results"][0], json!({"op_id": "00000000-0000-4000-8000-000000000001", "status": "duplicate", "seq": 1}), "{n}");
+        }
+        let other = Spi::get_one::<pgrx::JsonB>(&format!("SELECT sync_push('t', '{}')", spelled("2"))).unwrap().unwrap().0;
+        assert_eq!(other["results"][0]["reason"], "op_id_conflict", "another value is another payload");
+    }
+
     /// `[a valid change, the valid change edited by `edit`]` as a SQL literal.
     fn batch_with_second(edit: impl FnOnce(&mut serde_json::Map<String, Value>)) -> String {
         let valid = change(1, "1", "insert", "00.000", "a", json!({"title": "milk"}));

@@ -144,8 +144,8 @@ impl Codec {
                     let id = pgrx::Uuid::from_datum(datum, false).expect("non-null uuid");
                     Value::from(uuid::Uuid::from_bytes(*id.as_bytes()).to_string())
                 }
-                Codec::Json => pgrx::Json::from_datum(datum, false).expect("non-null json").0,
-                Codec::Jsonb => JsonB::from_datum(datum, false).expect("non-null jsonb").0,
+                Codec::Json => json_value(pg_sys::json_out, datum)?,
+                Codec::Jsonb => json_value(pg_sys::jsonb_out, datum)?,
                 Codec::Bytea => portable::encode_bytes(<&[u8]>::from_datum(datum, false).expect("non-null bytea")),
                 Codec::Timestamptz => Value::from(portable::format_timestamp(datum.value() as i64, true)),
                 Codec::Timestamp => Value::from(portable::format_timestamp(datum.value() as i64, false)),
@@ -345,6 +345,18 @@ fn flatten<'v>(value: &'v Value, depth: usize, dims: &mut Vec<i32>, flat: &mut V
         return Err(EXPECTED);
     }
     Ok(())
+}
+
+/// A json or jsonb datum as a JSON value, written by `output` (`json_out` or `jsonb_out`): refused
+/// (22023) when it holds a number JSON readers cannot carry exactly, which would otherwise be rounded.
+///
+/// # Safety
+/// `datum` must be a non-null value of the type `output` writes.
+unsafe fn json_value(output: unsafe fn(pg_sys::FunctionCallInfo) -> pg_sys::Datum, datum: pg_sys::Datum) -> SyncResult<Value> {
+    let text = unsafe { pgrx::fcinfo::direct_function_call::<&CStr>(output, &[Some(datum)]) }.expect("json output is a string");
+    let text = text.to_string_lossy();
+    sync_ext_protocol::numbers::check_json_numbers(&text, "value")?;
+    Ok(serde_json::from_str(&text).expect("Postgres writes valid JSON"))
 }
 
 /// The live attributes of a composite type.

@@ -83,7 +83,9 @@ pub fn merge_batch(changes: &[Change], context: BatchContext) -> BatchOutcome {
         let earlier = earlier.or_else(|| seen_unlogged.get(&change.op_id).map(|hash| (*hash, None)));
         let status = match earlier {
             _ if refused.contains_key(&index) => Status::Rejected { reason: refused[&index].clone() },
-            Some((earlier_hash, _)) if earlier_hash != hash => Status::Rejected { reason: REASON_OP_ID_CONFLICT.into() },
+            Some((earlier_hash, _)) if earlier_hash != hash && earlier_hash != change.legacy_payload_hash() => {
+                Status::Rejected { reason: REASON_OP_ID_CONFLICT.into() }
+            }
             Some((_, Some(seq))) => Status::Duplicate { seq },
             _ if change.hlc.millis() > latest_allowed_millis => Status::Rejected { reason: REASON_CLOCK_SKEW.into() },
             _ if stale_through.is_some_and(|horizon| change.hlc <= horizon) => Status::Rejected { reason: REASON_STALE.into() },

@@ -260,10 +260,23 @@ fn json_type(value: &Value) -> &'static str {
 impl Change {
     /// SHA-256 of the change's canonical JSON without its op_id: `{"actor","hlc","model","op","pk","value"}`
     /// with object keys sorted by their UTF-8 bytes, no whitespace, and `value` null for a delete.
-    /// Two sends of one op_id are the same change exactly when their hashes are equal.
+    /// Numbers are written in their canonical form ([`crate::numbers::write_canonical`]), so a
+    /// re-send that spells `1` as `1.0` hashes alike. Two sends of one op_id are the same change exactly
+    /// when their hashes are equal.
     pub fn payload_hash(&self) -> [u8; 32] {
+        self.hash_with(NumberForm::Canonical)
+    }
+
+    /// The hash as versions before 0.3.0 computed it (numbers as spelled), which their log entries
+    /// carry: a re-send of such an entry is recognized by either.
+    pub fn legacy_payload_hash(&self) -> [u8; 32] {
+        self.hash_with(NumberForm::AsParsed)
+    }
+
+    fn hash_with(&self, numbers: NumberForm) -> [u8; 32] {
         // The canonical form: {"actor":..,"hlc":..,"model":..,"op":..,"pk":..,"value":..}, keys in
-        // byte order at every level, no whitespace. Stored hashes depend on it: never change it.
+        // byte order at every level, no whitespace, numbers canonical. Stored hashes depend on it: never
+        // change it (entries of versions before 0.3.0 carry legacy_payload_hash, numbers as spelled).
         let mut canonical = Vec::with_capacity(256);
         let hlc = self.hlc.to_string();
         let envelope = [("{\"actor\":", self.actor.as_str()), (",\"hlc\":", &hlc), (",\"model\":", &self.model), (",\"op\":", self.op.as_str()), (",\"pk\":", &self.pk)];
@@ -273,7 +286,7 @@ impl Change {
         }
         canonical.extend_from_slice(b",\"value\":");
         match &self.value {
-            Some(fields) => write_canonical_object(fields, &mut canonical),
+            Some(fields) => write_canonical_object(fields, numbers, &mut canonical),
             None => canonical.extend_from_slice(b"null"),
         }
         canonical.push(b'}');
@@ -285,7 +298,14 @@ fn write_json_string(text: &str, out: &mut Vec<u8>) {
     serde_json::to_writer(out, text).expect("strings serialize");
 }
 
-fn write_canonical_object(map: &Map<String, Value>, out: &mut Vec<u8>) {
+/// How the payload hash writes numbers.
+#[derive(Clone, Copy)]
+enum NumberForm {
+    Canonical,
+    AsParsed,
+}
+
+fn write_canonical_object(map: &Map<String, Value>, numbers: NumberForm, out: &mut Vec<u8>) {
     let mut entries: Vec<_> = map.iter().collect();
     entries.sort_unstable_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
     out.push(b'{');
@@ -295,25 +315,26 @@ fn write_canonical_object(map: &Map<String, Value>, out: &mut Vec<u8>) {
         }
         write_json_string(key, out);
         out.push(b':');
-        write_canonical(item, out);
+        write_canonical(item, numbers, out);
     }
     out.push(b'}');
 }
 
-fn write_canonical(value: &Value, out: &mut Vec<u8>) {
-    match value {
-        Value::Object(map) => write_canonical_object(map, out),
-        Value::Array(items) => {
+fn write_canonical(value: &Value, numbers: NumberForm, out: &mut Vec<u8>) {
+    match (value, numbers) {
+        (Value::Object(map), _) => write_canonical_object(map, numbers, out),
+        (Value::Array(items), _) => {
             out.push(b'[');
             for (position, item) in items.iter().enumerate() {
                 if position > 0 {
                     out.push(b',');
                 }
-                write_canonical(item, out);
+                write_canonical(item, numbers, out);
             }
             out.push(b']');
         }
-        scalar => serde_json::to_writer(out, scalar).expect("scalars serialize"),
+        (Value::Number(number), NumberForm::Canonical) => crate::numbers::write_canonical(number, out),
+        (scalar, _) => serde_json::to_writer(out, scalar).expect("scalars serialize"),
     }
 }
 

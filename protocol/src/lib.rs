@@ -3,6 +3,7 @@
 //!
 //! - [`hlc`]: hybrid logical clock stamps and their fixed-width text form;
 //! - [`change`]: changes as pushed, their validation and their canonical payload hash;
+//! - [`numbers`]: JSON numbers carried exactly or refused, and their canonical form;
 //! - [`merge`]: the last-writer-wins rule over per-row registers;
 //! - [`stored`]: the flat form in which a row's merge state is stored;
 //! - [`portable`]: portable JSON forms of Postgres values (timestamps, intervals, bytes, exact numbers);
@@ -17,6 +18,7 @@ pub mod change;
 pub mod hlc;
 pub mod merge;
 pub mod msgpack;
+pub mod numbers;
 pub mod portable;
 pub mod stored;
 pub mod wire;
