@@ -7,6 +7,7 @@ use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
 use serde_json::Value;
 use sync_ext_protocol::hlc::wall_clock_millis;
+use sync_ext_protocol::wire::PushLimits;
 use sync_ext_protocol::{merge_batch, parse_changes, validate_tenant, BatchContext, BatchOutcome, Change, ParsedBatch, PushResponse, Status};
 
 use crate::auth::authorize;
@@ -40,27 +41,28 @@ fn sync_push_msgpack(tenant: &str, changes: ByteaBody) -> Result<Vec<u8>, ErrorR
 pub fn push(tenant: &str, body: &Body, read: impl FnOnce() -> SyncResult<Value>) -> SyncResult<PushResponse> {
     validate_tenant(tenant)?;
     // Batches of unbound models are done in one pass by the engine (reading the body runs no SQL).
-    let (mut changes, mut refused, skew, models) = match as_engine(|engine| {
+    let Bound { mut changes, mut refused, skew, models, limits } = match as_engine(|engine| {
         let settings = authorize(engine, tenant)?;
+        let limits = Some(settings.push_limits_for_clients());
         body.check_size("changes", settings.max_push_bytes)?;
         let ParsedBatch { changes, refused } = parse_changes(&read()?, &settings.push_limits())?;
         Spi::connect_mut(|client| {
             if changes.is_empty() {
-                return Ok(FirstPass::Done(PushResponse { cursor: storage::last_seq(client, tenant)?, results: Vec::new() }));
+                return Ok(FirstPass::Done(PushResponse { cursor: storage::last_seq(client, tenant)?, results: Vec::new(), limits }));
             }
             storage::require_primary("sync_push")?;
             let names: BTreeSet<&str> = changes.iter().map(|change| change.model.as_str()).collect();
             let models = Model::load_named(client, &names.into_iter().collect::<Vec<_>>())?;
             if !models.is_empty() {
-                return Ok(FirstPass::Bound(changes, refused, settings.max_clock_skew_ms, models));
+                return Ok(FirstPass::Bound(Bound { changes, refused, skew: settings.max_clock_skew_ms, models, limits }));
             }
             let state = storage::lock_tenant(client, tenant, true)?;
             let outcome = store_batch(client, tenant, &state, &changes, refused, settings.max_clock_skew_ms)?;
-            Ok(FirstPass::Done(PushResponse { cursor: outcome.last_seq, results: outcome.results }))
+            Ok(FirstPass::Done(PushResponse { cursor: outcome.last_seq, results: outcome.results, limits }))
         })
     })? {
         FirstPass::Done(response) => return Ok(response),
-        FirstPass::Bound(changes, refused, skew, models) => (changes, refused, skew, models),
+        FirstPass::Bound(bound) => bound,
     };
     for (index, reason) in models::normalize_changes(&mut changes, tenant, &models, &refused) {
         refused.insert(index, reason);
@@ -82,15 +84,26 @@ pub fn push(tenant: &str, body: &Body, read: impl FnOnce() -> SyncResult<Value>)
             outcome = merge(client, tenant, &state, &changes, refused, skew)?;
         }
         store(client, tenant, &state, &changes, &outcome)?;
-        Ok(PushResponse { cursor: outcome.last_seq, results: outcome.results })
+        Ok(PushResponse { cursor: outcome.last_seq, results: outcome.results, limits })
     }))
 }
 
 /// How far the engine's first pass got: the whole push, or a batch of bound models to decode and write
-/// with the caller's rights (with the changes refused so far, the clock skew limit and the models).
+/// with the caller's rights.
 enum FirstPass {
     Done(PushResponse),
-    Bound(Vec<Change>, HashMap<usize, String>, i32, HashMap<String, Model>),
+    Bound(Bound),
+}
+
+/// A batch of bound models after the engine's first pass.
+struct Bound {
+    changes: Vec<Change>,
+    /// The changes refused so far (by index), with reasons.
+    refused: HashMap<usize, String>,
+    /// The clock skew limit (ms).
+    skew: i32,
+    models: HashMap<String, Model>,
+    limits: Option<PushLimits>,
 }
 /// The final states of the registered models' rows that a batch changed, to write into their tables.
 fn pending_writes(outcome: &BatchOutcome, models: &HashMap<String, Model>) -> PendingWrites {
@@ -164,7 +177,11 @@ mod tests {
     fn applied_then_duplicate_with_the_original_seq() {
         let batch = json!([change(1, "1", "insert", "00.000", "a", json!({"title": "milk"}))]);
         let first = push("t", batch.clone());
-        assert_eq!(first, json!({"cursor": 1, "results": [{"op_id": "00000000-0000-4000-8000-000000000001", "status": "applied", "seq": 1}]}));
+        assert_eq!(
+            first,
+            json!({"cursor": 1, "results": [{"op_id": "00000000-0000-4000-8000-000000000001", "status": "applied", "seq": 1}],
+                   "limits": {"max_push_changes": 10000, "max_push_bytes": 8388608, "max_value_bytes": 1048576}})
+        );
         push("t", json!([change(2, "2", "insert", "00.000", "a", json!({"title": "eggs"}))]));
         let before = fingerprint();
         let again = push("t", batch);

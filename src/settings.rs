@@ -104,6 +104,15 @@ impl Settings {
         Ok(())
     }
 
+    /// The limits a push response tells clients, so that they refuse what the server would before sending it.
+    pub fn push_limits_for_clients(&self) -> sync_ext_protocol::wire::PushLimits {
+        sync_ext_protocol::wire::PushLimits {
+            max_push_changes: self.max_push_changes,
+            max_push_bytes: self.max_push_bytes,
+            max_value_bytes: self.max_value_bytes,
+        }
+    }
+
     /// The per-change limits of a push.
     pub fn push_limits(&self) -> sync_ext_protocol::change::Limits {
         sync_ext_protocol::change::Limits {

@@ -14,6 +14,10 @@ pub enum Error {
     /// A value the app gave is not a valid change (e.g. not a JSON object).
     #[error("invalid change: {0}")]
     InvalidChange(String),
+    /// The server would refuse this change whatever happens (`value_too_large`, `invalid_text`), so it
+    /// was not recorded; the reason is the one the server would give.
+    #[error("the server cannot store this change: {0}")]
+    Unstorable(String),
     /// A row stored locally does not decode as the type asked for.
     #[error("row {model}/{pk} does not decode: {problem}")]
     Decode { model: String, pk: String, problem: String },

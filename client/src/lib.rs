@@ -58,6 +58,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::{Map, Value};
 use sync_ext_protocol::hlc::wall_clock_millis;
+use sync_ext_protocol::wire::PushLimits;
 use sync_ext_protocol::{change::validate_name, validate_tenant, Change, Hlc, HlcClock, Op, Status};
 use uuid::Uuid;
 
@@ -108,6 +109,8 @@ pub struct SyncClient<R> {
     syncing: tokio::sync::Mutex<()>,
     /// Serializes local writes (each takes the clock).
     writing: Mutex<()>,
+    /// The server's push limits, as its last push response told them.
+    limits: Mutex<Option<PushLimits>>,
 }
 
 /// Builds a [`SyncClient`]; tenant, actor, local store and remote are required.
@@ -206,6 +209,7 @@ impl<R: Remote> SyncClientBuilder<R> {
             on_rejected: self.on_rejected,
             syncing: tokio::sync::Mutex::new(()),
             writing: Mutex::new(()),
+            limits: Mutex::new(None),
         })
     }
 }
@@ -246,7 +250,9 @@ impl<R: Remote> SyncClient<R> {
     }
 
     /// Records a change locally, at once and offline: stamps it with the clock, merges it into the
-    /// row the app sees and appends it to the outbox, in one local transaction.
+    /// row the app sees and appends it to the outbox, in one local transaction. A change the server
+    /// would refuse as `value_too_large` (once a push has told its limits) or `invalid_text` (a NUL
+    /// character) is refused here, with [`Error::Unstorable`], and changes nothing.
     pub fn apply_change(&self, model: &str, pk: &str, op: Op, value: Option<Map<String, Value>>) -> Result<Change> {
         validate_name("model", model)?;
         validate_name("pk", pk)?;
@@ -265,6 +271,10 @@ impl<R: Remote> SyncClient<R> {
                 actor: self.actor.clone(),
                 value: if op == Op::Delete { None } else { value },
             };
+            let max_value_bytes = self.limits().map_or(usize::MAX, |limits| usize::try_from(limits.max_value_bytes).unwrap_or(0));
+            if let Some(reason) = sync_ext_protocol::change::unstorable(&"change", &change, max_value_bytes) {
+                return Err(Error::Unstorable(reason));
+            }
             let mut row = t.row(model, pk)?;
             row.local.apply(&change);
             t.put_row(model, pk, &row)?;
@@ -325,15 +335,24 @@ impl<R: Remote> SyncClient<R> {
         Ok(report)
     }
 
+    /// The server's push limits, once a push response has told them.
+    pub fn limits(&self) -> Option<PushLimits> {
+        *self.limits.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
     async fn push_outbox(&self, report: &mut SyncReport) -> Result<()> {
         loop {
-            let batch = self.store.transaction(|t| t.outbox(self.push_batch))?;
+            let server_max = self.limits().map_or(usize::MAX, |limits| usize::try_from(limits.max_push_changes).unwrap_or(1));
+            let batch = self.store.transaction(|t| t.outbox(self.push_batch.min(server_max).max(1)))?;
             if batch.is_empty() {
                 return Ok(());
             }
             let response = self.remote.push(&self.tenant, &batch).await?;
             if response.results.len() != batch.len() {
                 return Err(Error::Remote(format!("{} results for {} changes", response.results.len(), batch.len())));
+            }
+            if let Some(limits) = response.limits {
+                *self.limits.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(limits);
             }
             self.store.transaction(|t| {
                 for (change, result) in batch.iter().zip(&response.results) {

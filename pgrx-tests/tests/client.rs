@@ -314,3 +314,26 @@ async fn replicas_converge_across_compaction_even_one_that_slept_past_the_horizo
         assert_eq!(rows(replica, "todo"), server, "replica {name} holds the server's rows");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_the_server_cannot_store_is_refused_locally_and_never_stalls_the_outbox() {
+    let (_cluster, url) = start();
+    let device = client("acme", "device", LocalStore::memory(), PgRemote::new(&url));
+    let nul = device.insert("todo", "1", &json!({"title": "a\u{0}b"})).unwrap_err();
+    assert!(matches!(&nul, Error::Unstorable(reason) if reason.starts_with("invalid_text: change.value.title")), "{nul}");
+    assert_eq!(device.pending().unwrap(), 0, "nothing was recorded");
+
+    // Before the first push the client does not know the server's limits: the server refuses the change
+    // alone, the rest goes through, and from then on the client refuses such values itself.
+    let big = json!({"title": "x".repeat(2 * 1024 * 1024)});
+    device.insert("todo", "2", &big).unwrap();
+    device.insert("todo", "3", &json!({"title": "small"})).unwrap();
+    let report = device.sync().await.unwrap();
+    let reasons: Vec<&str> = report.rejected.iter().map(|rejection| rejection.reason.as_str()).collect();
+    assert_eq!(reasons, ["value_too_large: changes[0].value is over 1048576 bytes (max_value_bytes)"]);
+    assert_eq!(rows(&device, "todo").keys().collect::<Vec<_>>(), ["3"], "the refused row is gone, the good one synced");
+    assert_eq!(device.limits().map(|limits| limits.max_value_bytes), Some(1_048_576));
+    let refused = device.update("todo", "3", &big).unwrap_err();
+    assert!(matches!(&refused, Error::Unstorable(reason) if reason.starts_with("value_too_large: change.value is over 1048576 bytes")), "{refused}");
+    assert_eq!(device.pending().unwrap(), 0);
+}

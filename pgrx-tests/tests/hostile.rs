@@ -56,7 +56,7 @@ fn hostile_pushes_are_refused_clearly_and_change_nothing() {
         ("a 10 MB body", json!([ten_megabytes]).to_string(), "54000", "changes: the body is 10485960 bytes, over max_push_bytes (8388608)"),
         ("an array of a million numbers", json!([huge_array]).to_string(), "54000", "changes: the body is"),
         ("10,001 changes", too_many.to_string(), "22023", "changes: 10001 changes exceed max_push_changes (10000)"),
-        ("a number beyond double precision", beyond_f64.to_owned(), "22023", "changes[0].value.n: the number 100000000000000000000000... (401 characters) cannot be carried exactly"),
+        ("a number beyond double precision", beyond_f64.to_owned(), "22023", "changes[0].value.n: the number 1000000000000000000000000000000000000000... (401 characters) cannot be carried exactly"),
         ("duplicate keys (jsonb keeps the last: a delete with a value)", duplicate_keys.to_owned(), "22023", "changes[0].value: a delete carries no value"),
         ("a NUL character", nul.to_owned(), "22P05", "unsupported Unicode escape sequence"),
         ("op_id of the wrong type", json!([{"op_id": {}, "model": "m"}]).to_string(), "22023", "changes[0].op_id: expected a string, got an object"),

@@ -151,7 +151,7 @@ pub fn parse_changes(input: &Value, limits: &Limits) -> Result<ParsedBatch, Wire
     let mut batch = ParsedBatch { changes: Vec::with_capacity(items.len()), refused: HashMap::new() };
     for (index, item) in items.iter().enumerate() {
         let mut change = parse_change(index, item)?;
-        if let Some(reason) = unstorable(index, &change, limits.max_value_bytes) {
+        if let Some(reason) = unstorable(&format_args!("changes[{index}]"), &change, limits.max_value_bytes) {
             // Its value is never used: free it now.
             change.value = change.value.map(|_| Map::new());
             batch.refused.insert(index, reason);
@@ -161,16 +161,17 @@ pub fn parse_changes(input: &Value, limits: &Limits) -> Result<ParsedBatch, Wire
     Ok(batch)
 }
 
-/// Why a well-formed change cannot be stored, if it cannot: a value over `max_value_bytes`, or a NUL
-/// character (which Postgres text and jsonb cannot hold) in a field name or a string.
-fn unstorable(index: usize, change: &Change, max_value_bytes: usize) -> Option<String> {
+/// Why a well-formed change cannot be stored, if it cannot, as a rejection reason naming the change by
+/// `location`: a value over `max_value_bytes` (`value_too_large`), or a NUL character, which Postgres text
+/// and jsonb cannot hold, in a field name or a string (`invalid_text`). Clients check it before sending.
+pub fn unstorable(location: &dyn fmt::Display, change: &Change, max_value_bytes: usize) -> Option<String> {
     let value = change.value.as_ref()?;
     let size = value.iter().map(|(name, item)| name.len() + 4 + json_size(item, max_value_bytes)).sum::<usize>() + 2;
     if size > max_value_bytes {
-        return Some(format!("{REASON_VALUE_TOO_LARGE}: changes[{index}].value is over {max_value_bytes} bytes (max_value_bytes)"));
+        return Some(format!("{REASON_VALUE_TOO_LARGE}: {location}.value is over {max_value_bytes} bytes (max_value_bytes)"));
     }
     let path = nul_path(value)?;
-    Some(format!("{REASON_INVALID_TEXT}: changes[{index}].value{path} holds a NUL character, which Postgres cannot store"))
+    Some(format!("{REASON_INVALID_TEXT}: {location}.value{path} holds a NUL character, which Postgres cannot store"))
 }
 
 /// Where in an object a NUL character stands (`.title`, `.tags[2]`), if anywhere.

@@ -62,7 +62,7 @@ pub fn check_json_numbers(text: &str, root: &str) -> Result<(), WireError> {
     let mut scanner = Scanner { bytes: text.as_bytes(), at: 0, path: Vec::new() };
     scanner.value().map_err(|literal| {
         // Postgres writes numbers out in full (1e400 as 401 digits): name a long one by its start.
-        let literal = match literal.char_indices().nth(24) {
+        let literal = match literal.char_indices().nth(40) {
             Some((cut, _)) => format!("{}... ({} characters)", &literal[..cut], literal.len()),
             None => literal,
         };
@@ -203,7 +203,7 @@ mod tests {
         assert_eq!(error.to_string(), "changes[0].value.list[1].deep: the number 18446744073709551617 cannot be carried exactly as a JSON number (send it as a string)");
         assert!(check_json_numbers(r#"{"a": "18446744073709551617", "b\"": [0.25, -3]}"#, "x").is_ok(), "numbers in strings are text");
         let long = check_json_numbers(&format!("[1{}]", "0".repeat(400)), "x").unwrap_err();
-        assert_eq!(long.to_string(), "x[0]: the number 100000000000000000000000... (401 characters) cannot be carried exactly as a JSON number (send it as a string)");
+        assert_eq!(long.to_string(), "x[0]: the number 1000000000000000000000000000000000000000... (401 characters) cannot be carried exactly as a JSON number (send it as a string)");
     }
 
     #[test]

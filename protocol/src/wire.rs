@@ -55,6 +55,20 @@ pub struct PushResponse {
     /// The tenant's latest seq after the push.
     pub cursor: i64,
     pub results: Vec<ChangeResult>,
+    /// The server's limits on pushes (servers before 0.3.0 send none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<PushLimits>,
+}
+
+/// What one push may carry, as the server tells its clients.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PushLimits {
+    /// The most changes in one push.
+    pub max_push_changes: i32,
+    /// The largest push body, in bytes.
+    pub max_push_bytes: i32,
+    /// The largest value of one change, in bytes of its compact JSON.
+    pub max_value_bytes: i32,
 }
 
 /// A change as a pull delivers it: what it won, at its seq.
