@@ -340,7 +340,9 @@ impl Model {
             Some(column) => format!(" AND {alias}.{} OPERATOR(pg_catalog.=) $2", quote_identifier(&column.name)),
             None => String::new(),
         };
-        let mut upserts: BTreeMap<(Vec<String>, bool), Vec<(&str, &Row)>> = BTreeMap::new();
+        // Rows written by one statement: the same columns, and the same rule for the others.
+        type Group = (Vec<String>, bool);
+        let mut upserts: BTreeMap<Group, Vec<(&str, &Row)>> = BTreeMap::new();
         let mut deletes: Vec<&str> = Vec::new();
         for (pk, row) in rows {
             match row {
