@@ -47,13 +47,15 @@ impl Drop for Restore {
 
 /// Runs `work` as the extension's owner in a security-restricted operation with a pinned search path.
 pub fn as_engine<T>(work: impl FnOnce(&Engine) -> SyncResult<T>) -> SyncResult<T> {
+    let owner = sync_tables_owner()?;
     let (mut user, mut context) = (pg_sys::InvalidOid, 0);
-    // SAFETY: saves the identity and enters the restricted context with the search path pinned, before
-    // anything is resolved by name; `Restore` undoes both.
+    // SAFETY: the protocol fmgr follows for SECURITY DEFINER functions with a SET clause, plus the
+    // restricted flag; `Restore` undoes both when `work` returns or an error unwinds.
     let _restore = unsafe {
         pg_sys::GetUserIdAndSecContext(&mut user, &mut context);
         let restore = Restore { user, context, guc_nest_level: pg_sys::NewGUCNestLevel() };
-        pg_sys::SetUserIdAndSecContext(user, context | pg_sys::SECURITY_RESTRICTED_OPERATION as i32);
+        let restricted = (pg_sys::SECURITY_RESTRICTED_OPERATION | pg_sys::SECURITY_LOCAL_USERID_CHANGE) as i32;
+        pg_sys::SetUserIdAndSecContext(owner, context | restricted);
         pg_sys::set_config_option(
             c"search_path".as_ptr(),
             ENGINE_SEARCH_PATH.as_ptr(),
@@ -65,14 +67,6 @@ pub fn as_engine<T>(work: impl FnOnce(&Engine) -> SyncResult<T>) -> SyncResult<T
             false,
         );
         restore
-    };
-    let owner = sync_tables_owner()?;
-    // SAFETY: as above; the restricted flag stays on, and the user is the owner until `Restore`.
-    unsafe {
-        pg_sys::SetUserIdAndSecContext(
-            owner,
-            context | (pg_sys::SECURITY_RESTRICTED_OPERATION | pg_sys::SECURITY_LOCAL_USERID_CHANGE) as i32,
-        )
     };
     work(&Engine { caller: user, owner })
 }
