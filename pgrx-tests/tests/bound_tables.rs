@@ -2,8 +2,8 @@
 //! ties, late deletes, resurrections and re-sends, each row the merge shows holds exactly its visible
 //! fields (other columns as a fresh INSERT would leave them) and each row the merge hides is absent.
 //!
-//! Random histories are generated with proptest from a printed seed. The suite runs 300 histories;
-//! `SYNC_EXT_CASES=3000 cargo test -p sync_ext_pgrx_tests --test bound_tables` runs ten times more, and
+//! Random histories are generated with proptest from a printed seed. The suite runs 1,000 histories;
+//! `SYNC_EXT_CASES=10000 cargo test -p sync_ext_pgrx_tests --test bound_tables` runs ten times more, and
 //! `SYNC_EXT_SEED=<seed>` replays a failing run.
 
 use std::cell::{Cell, RefCell};
@@ -75,7 +75,7 @@ fn a_bound_table_equals_the_merges_visible_rows_after_every_push() {
     let client = RefCell::new(client);
     let history = Cell::new(0u32);
     let seed = env_number("SYNC_EXT_SEED").unwrap_or_else(|| std::process::id().into());
-    let cases = env_number("SYNC_EXT_CASES").unwrap_or(300) as u32;
+    let cases = env_number("SYNC_EXT_CASES").unwrap_or(1000) as u32;
     let config = Config { cases, failure_persistence: None, ..Config::default() };
     let mut seed_bytes = [0u8; 32];
     seed_bytes[..8].copy_from_slice(&seed.to_le_bytes());
