@@ -118,13 +118,7 @@ impl JsonbBody {
         let text = unsafe { pgrx::fcinfo::direct_function_call::<&std::ffi::CStr>(pg_sys::jsonb_out, &[Some(self.0 .0)]) };
         let text = text.map(|text| text.to_string_lossy()).unwrap_or_default();
         sync_ext_protocol::numbers::check_json_numbers(&text, argument)?;
-        serde_json::from_str(&text).map_err(|error| {
-            let problem = match error.to_string() {
-                text if text.starts_with("recursion limit exceeded") => "is nested more than 128 levels deep".to_owned(),
-                text => format!("cannot be read: {text}"),
-            };
-            SyncError::InvalidArgument { argument, problem }
-        })
+        serde_json::from_str(&text).map_err(|error| SyncError::InvalidArgument { argument, problem: format!("cannot be read: {error}") })
     }
 }
 

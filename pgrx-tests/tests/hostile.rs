@@ -52,7 +52,7 @@ fn hostile_pushes_are_refused_clearly_and_change_nothing() {
     let nul = r#"[{"op_id": "00000000-0000-4000-8000-000000000007", "model": "todo\u0000", "pk": "7", "op": "insert", "hlc": "2026-01-01T00:00:00.000Z-0000", "actor": "a", "value": {}}]"#;
 
     let json_cases: Vec<(&str, String, &str, &str)> = vec![
-        ("nesting 200 levels deep", nested, "22023", "changes: is nested more than 128 levels deep"),
+        ("nesting 200 levels deep", nested, "22023", "changes[0].value.d: is nested more than 120 levels deep"),
         ("a 10 MB body", json!([ten_megabytes]).to_string(), "54000", "changes: the body is 10485960 bytes, over max_push_bytes (8388608)"),
         ("an array of a million numbers", json!([huge_array]).to_string(), "54000", "changes: the body is"),
         ("10,001 changes", too_many.to_string(), "22023", "changes: 10001 changes exceed max_push_changes (10000)"),

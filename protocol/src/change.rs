@@ -75,6 +75,19 @@ pub enum WireErrorKind {
     InvalidText,
 }
 
+/// How deep a change's value may nest (the value object itself is level 1): a pull page wraps a value two
+/// levels deeper, and must stay within what every JSON reader accepts (serde's limit is 128).
+pub const MAX_VALUE_DEPTH: usize = 100;
+
+/// How deep `value` nests (a scalar is 0, `{}` and `[]` are 1).
+fn depth(value: &Value) -> usize {
+    match value {
+        Value::Array(items) => 1 + items.iter().map(depth).max().unwrap_or(0),
+        Value::Object(fields) => 1 + fields.values().map(depth).max().unwrap_or(0),
+        _ => 0,
+    }
+}
+
 /// What the server accepts in one push.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Limits {
@@ -240,7 +253,12 @@ fn parse_change(index: usize, item: &Value) -> Result<Change, WireError> {
         (Op::Delete, Some(other)) => {
             return Err(WireError::invalid(at("value"), format!("a delete carries no value, got {}", json_type(other))))
         }
-        (_, Some(Value::Object(fields))) => Some(fields.clone()),
+        (_, Some(value @ Value::Object(fields))) => {
+            if depth(value) > MAX_VALUE_DEPTH {
+                return Err(WireError::invalid(at("value"), format!("is nested more than {MAX_VALUE_DEPTH} levels deep")));
+            }
+            Some(fields.clone())
+        }
         (_, None) => return Err(WireError::invalid(at("value"), format!("is missing (an {} needs an object)", op.as_str()))),
         (_, Some(other)) => return Err(WireError::invalid(at("value"), format!("expected an object, got {}", json_type(other)))),
     };
@@ -389,6 +407,21 @@ mod tests {
         assert_eq!(parse_changes(&json!({}), &LIMITS).unwrap_err().location, "changes");
         let one = Limits { max_changes: 1, ..LIMITS };
         assert_eq!(parse_changes(&json!([valid(), valid()]), &one).unwrap_err().location, "changes");
+    }
+
+    #[test]
+    fn a_value_may_nest_at_most_max_value_depth_levels() {
+        let nested = |levels: usize| {
+            let mut value = json!(1);
+            for _ in 1..levels {
+                value = json!([value]);
+            }
+            let mut change = valid();
+            change["value"] = json!({"deep": value});
+            change
+        };
+        assert!(parse_changes(&json!([nested(MAX_VALUE_DEPTH)]), &LIMITS).is_ok());
+        assert_eq!(error_of(nested(MAX_VALUE_DEPTH + 1)).to_string(), "changes[1].value: is nested more than 100 levels deep");
     }
 
     #[test]

@@ -56,11 +56,23 @@ pub fn write_canonical(number: &serde_json::Number, out: &mut Vec<u8>) {
     out.extend_from_slice(text.as_bytes());
 }
 
+/// How deep a JSON text may nest before it is read (below serde's own limit, so the scanner and the
+/// parser never recurse further).
+pub const MAX_JSON_DEPTH: usize = 120;
+
 /// Checks every number of a JSON text (`root` names the whole text in the error, e.g. `changes`) and
-/// fails with 22023 naming the first that is not carried exactly: `changes[0].value.n: 1e400 ...`.
+/// fails with 22023 naming the first that is not carried exactly (`changes[0].value.n: 1e400 ...`), or
+/// where the text nests more than [`MAX_JSON_DEPTH`] levels.
 pub fn check_json_numbers(text: &str, root: &str) -> Result<(), WireError> {
     let mut scanner = Scanner { bytes: text.as_bytes(), at: 0, path: Vec::new() };
-    scanner.value().map_err(|literal| {
+    scanner.value().map_err(|problem| {
+        let literal = match problem {
+            Problem::TooDeep => {
+                let start: String = scanner.path.iter().take(3).map(Segment::to_string).collect();
+                return WireError::invalid(format!("{root}{start}"), format!("is nested more than {MAX_JSON_DEPTH} levels deep"));
+            }
+            Problem::Inexact(literal) => literal,
+        };
         // Postgres writes numbers out in full (1e400 as 401 digits): name a long one by its start.
         let literal = match literal.char_indices().nth(40) {
             Some((cut, _)) => format!("{}... ({} characters)", &literal[..cut], literal.len()),
@@ -88,8 +100,16 @@ impl std::fmt::Display for Segment {
     }
 }
 
-/// A scanner over valid JSON (as Postgres writes jsonb) that stops at the first inexact number, with
-/// the path to it; it returns that number's literal.
+/// Why the scanner stopped.
+enum Problem {
+    /// A number that is not carried exactly, as written.
+    Inexact(String),
+    /// Nesting deeper than [`MAX_JSON_DEPTH`].
+    TooDeep,
+}
+
+/// A scanner over valid JSON (as Postgres writes jsonb) that stops at the first inexact number or at
+/// too deep a nesting, with the path to it.
 struct Scanner<'a> {
     bytes: &'a [u8],
     at: usize,
@@ -103,8 +123,8 @@ impl Scanner<'_> {
         }
     }
 
-    /// Scans one value; `Err` carries an inexact number's literal.
-    fn value(&mut self) -> Result<(), String> {
+    /// Scans one value.
+    fn value(&mut self) -> Result<(), Problem> {
         self.skip_whitespace();
         match self.bytes.get(self.at) {
             Some(b'{') => self.container(b'}', true),
@@ -119,7 +139,7 @@ impl Scanner<'_> {
                     self.at += 1;
                 }
                 let literal = String::from_utf8_lossy(&self.bytes[start..self.at]).into_owned();
-                if is_exact(&literal) { Ok(()) } else { Err(literal) }
+                if is_exact(&literal) { Ok(()) } else { Err(Problem::Inexact(literal)) }
             }
             _ => {
                 // true, false, null
@@ -131,7 +151,10 @@ impl Scanner<'_> {
         }
     }
 
-    fn container(&mut self, close: u8, object: bool) -> Result<(), String> {
+    fn container(&mut self, close: u8, object: bool) -> Result<(), Problem> {
+        if self.path.len() >= MAX_JSON_DEPTH {
+            return Err(Problem::TooDeep);
+        }
         self.at += 1;
         let mut index = 0;
         loop {
@@ -204,6 +227,14 @@ mod tests {
         assert!(check_json_numbers(r#"{"a": "18446744073709551617", "b\"": [0.25, -3]}"#, "x").is_ok(), "numbers in strings are text");
         let long = check_json_numbers(&format!("[1{}]", "0".repeat(400)), "x").unwrap_err();
         assert_eq!(long.to_string(), "x[0]: the number 1000000000000000000000000000000000000000... (401 characters) cannot be carried exactly as a JSON number (send it as a string)");
+    }
+
+    #[test]
+    fn nesting_past_the_limit_is_refused_naming_where_it_starts() {
+        let deep = format!(r#"[{{"value": {{"d": {}1{}}}}}]"#, "[".repeat(200), "]".repeat(200));
+        assert_eq!(check_json_numbers(&deep, "changes").unwrap_err().to_string(), "changes[0].value.d: is nested more than 120 levels deep");
+        let at_the_limit = format!("{}{}", "[".repeat(MAX_JSON_DEPTH), "]".repeat(MAX_JSON_DEPTH));
+        assert!(check_json_numbers(&at_the_limit, "x").is_ok());
     }
 
     #[test]
