@@ -73,7 +73,10 @@ fn grants_and_settings(tenant: &str) -> SyncResult<(Settings, Vec<pg_sys::Oid>)>
     if let Some(kept) = kept {
         return Ok(kept);
     }
-    let (watched, roles, names, values) = Spi::connect(|client| {
+    // Watch the tables before reading them, so that a change committed while they are read is noticed.
+    watch_grants_and_settings();
+    let generation = GENERATION.get();
+    let (roles, names, values) = Spi::connect(|client| {
         // The version first: an older schema may lack the tables read next.
         let version = crate::plans::select(client, "SELECT extversion FROM pg_catalog.pg_extension WHERE extname = 'sync_ext'", Some(1), &[])?;
         let version = if version.is_empty() { None } else { version.first().get_one::<String>()? };
@@ -85,19 +88,15 @@ fn grants_and_settings(tenant: &str) -> SyncResult<(Settings, Vec<pg_sys::Oid>)>
         }
         let row = crate::plans::select(
             client,
-            "SELECT ARRAY['sync_ext.grants'::regclass::oid, 'sync_ext.settings'::regclass::oid],
-                    ARRAY(SELECT g.role::oid FROM sync_ext.grants AS g WHERE g.tenant_id = $1),
+            "SELECT ARRAY(SELECT g.role::oid FROM sync_ext.grants AS g WHERE g.tenant_id = $1),
                     ARRAY(SELECT s.name FROM sync_ext.settings AS s),
                     ARRAY(SELECT s.value FROM sync_ext.settings AS s)",
             Some(1),
             &[tenant.into()],
         )?
         .first();
-        Ok::<_, SyncError>((row.get::<Vec<pg_sys::Oid>>(1)?, row.get::<Vec<pg_sys::Oid>>(2)?, row.get::<Vec<String>>(3)?, row.get::<Vec<String>>(4)?))
+        Ok::<_, SyncError>((row.get::<Vec<pg_sys::Oid>>(1)?, row.get::<Vec<String>>(2)?, row.get::<Vec<String>>(3)?))
     })?;
-    if let Some([grants, settings]) = watched.as_deref() {
-        WATCHED.set([*grants, *settings]);
-    }
     let settings = Settings::from_rows(names.unwrap_or_default(), values.unwrap_or_default())?;
     let roles = roles.unwrap_or_default();
     KEPT.with_borrow_mut(|kept| {
@@ -111,6 +110,17 @@ fn grants_and_settings(tenant: &str) -> SyncResult<(Settings, Vec<pg_sys::Oid>)>
         }
     });
     Ok((settings, roles))
+}
+
+/// Notes the oids of `sync_ext.grants` and `sync_ext.settings` (from the catalog caches), whose
+/// invalidations drop what is kept.
+fn watch_grants_and_settings() {
+    // SAFETY: catalog cache lookups by name.
+    let oid = |name: &std::ffi::CStr| unsafe {
+        let schema = pg_sys::get_namespace_oid(c"sync_ext".as_ptr(), true);
+        if schema == pg_sys::InvalidOid { pg_sys::InvalidOid } else { pg_sys::get_relname_relid(name.as_ptr(), schema) }
+    };
+    WATCHED.set([oid(c"grants"), oid(c"settings")]);
 }
 
 /// Registers [`forget_on_invalidation`] with the relation cache (once per backend, from `_PG_init`).
