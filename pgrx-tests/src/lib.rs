@@ -211,13 +211,14 @@ pub fn pull(client: &mut Client, tenant: &str, since: i64, max_changes: i32) -> 
 
 /// Pulls every change after `since`, page by page.
 pub fn pull_all(client: &mut Client, tenant: &str, since: i64, page: i32) -> Result<PullResponse, postgres::Error> {
-    let mut all = PullResponse { changes: Vec::new(), cursor: since, has_more: true, reset: false };
+    let mut all = PullResponse { changes: Vec::new(), cursor: since, has_more: true, reset: false, digest: None };
     while all.has_more {
         let next = pull(client, tenant, all.cursor, page)?;
         all.changes.extend(next.changes);
         all.cursor = next.cursor;
         all.has_more = next.has_more;
         all.reset |= next.reset;
+        all.digest = next.digest;
     }
     Ok(all)
 }

@@ -317,6 +317,12 @@ fn write_json_string(text: &str, out: &mut Vec<u8>) {
     serde_json::to_writer(out, text).expect("strings serialize");
 }
 
+/// Writes an object in canonical JSON: keys in UTF-8 byte order at every level, no whitespace, numbers
+/// in their canonical form (what the payload hash and the state digest read).
+pub(crate) fn write_canonical_json(map: &Map<String, Value>, out: &mut Vec<u8>) {
+    write_canonical_object(map, NumberForm::Canonical, out);
+}
+
 /// How the payload hash writes numbers.
 #[derive(Clone, Copy)]
 enum NumberForm {

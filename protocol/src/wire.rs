@@ -133,4 +133,8 @@ pub struct PullResponse {
     /// (over all reset pages, until `has_more` is false) and keeps its unsent changes on top.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub reset: bool,
+    /// On the page that ends at the tenant's last seq: the digest of the tenant's visible rows at that
+    /// seq (see [`crate::digest`]), so the client can check its replica. Absent on other pages.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<String>,
 }
