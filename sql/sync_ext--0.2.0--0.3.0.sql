@@ -37,6 +37,19 @@ ALTER TABLE sync_ext.tenants ADD COLUMN horizon_hlc text COLLATE "C";
 COMMENT ON COLUMN sync_ext.tenants.horizon_hlc IS
     'The greatest hlc compaction removed from the log: pushed changes stamped at or before it are rejected stale.';
 
+-- The digest of each tenant's visible rows, kept on every write and returned on the last page of a pull.
+CREATE OR REPLACE FUNCTION sync_ext."tenant_digest"(
+	"tenant" TEXT /* & str */
+) RETURNS bigint /* Result < i64, pgrx :: pg_sys :: panic :: ErrorReport > */
+STRICT STABLE PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'tenant_digest_wrapper';
+ALTER TABLE sync_ext.tenants ADD COLUMN digest bigint;
+UPDATE sync_ext.tenants SET digest = sync_ext.tenant_digest(tenant_id);
+ALTER TABLE sync_ext.tenants ALTER COLUMN digest SET DEFAULT 0, ALTER COLUMN digest SET NOT NULL;
+COMMENT ON COLUMN sync_ext.tenants.digest IS
+    'The digest of the tenant''s visible rows (sync_ext.tenant_digest computes it from the snapshots), bits of an unsigned 64-bit sum.';
+
 -- Capture: the three trigger functions become the engine's C trigger function.
 CREATE OR REPLACE FUNCTION sync_ext.capture_insert() RETURNS trigger LANGUAGE c AS 'MODULE_PATHNAME', 'capture_wrapper';
 CREATE OR REPLACE FUNCTION sync_ext.capture_update() RETURNS trigger LANGUAGE c AS 'MODULE_PATHNAME', 'capture_wrapper';
@@ -69,5 +82,6 @@ REVOKE EXECUTE ON FUNCTION sync_grant_tenant(regrole, text), sync_revoke_tenant(
                            sync_register_model(text, regclass, text, text), sync_unregister_model(text),
                            sync_configure(text, text),
                            sync_ext.capture_insert(), sync_ext.capture_update(), sync_ext.capture_delete(),
-                           sync_ext.forbid_truncate(), sync_ext.forbid_op_log_update(), sync_ext.access_changed()
+                           sync_ext.forbid_truncate(), sync_ext.forbid_op_log_update(), sync_ext.access_changed(),
+                           sync_ext.tenant_digest(text)
     FROM PUBLIC;

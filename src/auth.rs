@@ -78,14 +78,7 @@ fn grants_and_settings(tenant: &str) -> SyncResult<(Settings, Vec<pg_sys::Oid>)>
     let generation = GENERATION.get();
     let (roles, names, values) = Spi::connect(|client| {
         // The version first: an older schema may lack the tables read next.
-        let version = crate::plans::select(client, "SELECT extversion FROM pg_catalog.pg_extension WHERE extname = 'sync_ext'", Some(1), &[])?;
-        let version = if version.is_empty() { None } else { version.first().get_one::<String>()? };
-        let library = env!("CARGO_PKG_VERSION");
-        match version {
-            Some(version) if version == library => {}
-            Some(version) => return Err(SyncError::OutdatedSchema { schema: version, library }),
-            None => return Err(SyncError::NotInstalled),
-        }
+        require_current_schema(client)?;
         let row = crate::plans::select(
             client,
             "SELECT ARRAY(SELECT g.role::oid FROM sync_ext.grants AS g WHERE g.tenant_id = $1),
@@ -110,6 +103,19 @@ fn grants_and_settings(tenant: &str) -> SyncResult<(Settings, Vec<pg_sys::Oid>)>
         }
     });
     Ok((settings, roles))
+}
+
+/// Fails with 55000 unless the extension's SQL objects are those of this library (`ALTER EXTENSION
+/// sync_ext UPDATE` brings them there).
+pub fn require_current_schema(client: &pgrx::spi::SpiClient<'_>) -> SyncResult<()> {
+    let version = crate::plans::select(client, "SELECT extversion FROM pg_catalog.pg_extension WHERE extname = 'sync_ext'", Some(1), &[])?;
+    let version = if version.is_empty() { None } else { version.first().get_one::<String>()? };
+    let library = env!("CARGO_PKG_VERSION");
+    match version {
+        Some(version) if version == library => Ok(()),
+        Some(version) => Err(SyncError::OutdatedSchema { schema: version, library }),
+        None => Err(SyncError::NotInstalled),
+    }
 }
 
 /// Notes the oids of `sync_ext.grants` and `sync_ext.settings` (from the catalog caches), whose

@@ -35,20 +35,13 @@ fn capture<'a>(trigger: &'a PgTrigger<'a>) -> Result<Option<PgHeapTuple<'a, Allo
 }
 
 /// The capture entry point of sync_ext 0.1.0 and 0.2.0 (`sync_ext.capture_rows`, called by their
-/// PL/pgSQL triggers), so that writes keep being captured between installing this library and
-/// `ALTER EXTENSION sync_ext UPDATE`, which drops it (this version declares no SQL function for it).
+/// PL/pgSQL triggers; this version declares no SQL function for it). Between installing this library
+/// and `ALTER EXTENSION sync_ext UPDATE` it says what to do, as the other functions do.
 #[pg_extern(sql = false)]
-fn capture_rows(table: pg_sys::Oid, old_rows: Option<AnyArray>, new_rows: Option<AnyArray>) -> Result<(), ErrorReport> {
-    if applying_push() {
-        return Ok(());
-    }
-    Ok(as_engine(|_| {
-        Spi::connect_mut(|client| {
-            let Some(model) = Model::load_for_table(client, table)? else { return Ok(()) };
-            let (old, new) = (captured_rows(&model, old_rows)?, captured_rows(&model, new_rows)?);
-            log_rows(client, &model, old, new)
-        })
-    })?)
+fn capture_rows(_table: pg_sys::Oid, _old_rows: Option<AnyArray>, _new_rows: Option<AnyArray>) -> Result<(), ErrorReport> {
+    as_engine(|_| Spi::connect(|client| crate::auth::require_current_schema(client)))?;
+    // Only an older schema declares this function, so the check above has failed.
+    Err(SyncError::NotInstalled.into())
 }
 
 fn capture_statement(trigger: &PgTrigger<'_>) -> SyncResult<()> {
@@ -138,7 +131,7 @@ pub struct Draft {
 /// Logs changes made by the server for one tenant: stamped after every hlc the tenant has seen, so
 /// they win over every change already applied, as a write made later should.
 pub fn commit_server_changes(client: &mut SpiClient<'_>, tenant: &str, model: &str, drafts: Vec<Draft>) -> SyncResult<()> {
-    let state = storage::lock_tenant(client, tenant, false)?;
+    let state = storage::lock_tenant(client, tenant)?;
     let mut clock = HlcClock::resume(state.last_hlc);
     let wall = sync_ext_protocol::hlc::wall_clock_millis();
     let actor = crate::server_actor();

@@ -27,7 +27,7 @@ fn compact(tenant: &str, keep: Interval) -> SyncResult<serde_json::Value> {
         authorize(engine, tenant)?;
         storage::require_primary("sync_compact")?;
         Spi::connect_mut(|client| {
-            storage::lock_tenant(client, tenant, true)?;
+            storage::lock_tenant(client, tenant)?;
             let result = client.update(
                 "WITH superseded AS (
                      DELETE FROM sync_ext.op_log AS o USING sync_ext.snapshots AS s

@@ -28,12 +28,12 @@ use crate::jsonb::JsonbDatum;
 /// first change always, however large it is).
 const PULL_PAGE: &str = "
 WITH t AS (
-    SELECT coalesce(max(last_seq), 0) AS last_seq, coalesce(max(horizon), 0) AS horizon
+    SELECT coalesce(max(last_seq), 0) AS last_seq, coalesce(max(horizon), 0) AS horizon, coalesce(max(digest), 0) AS digest
       FROM sync_ext.tenants WHERE tenant_id = $1),
 mode AS (
     SELECT ($2 < 0 OR $2 < t.horizon OR ($2 > t.last_seq AND NOT pg_is_in_recovery())) AS reset,
            CASE WHEN $2 < 0 THEN -$2 ELSE 0 END AS snapshot_after,
-           t.last_seq
+           t.last_seq, t.digest
       FROM t),
 fetched AS (
     SELECT seq, change, row_number() OVER w AS n, sum(pg_column_size(change)) OVER w AS bytes
@@ -61,18 +61,22 @@ page AS (
            count(*) FILTER (WHERE kept) AS kept,
            coalesce(jsonb_agg(change ORDER BY seq) FILTER (WHERE kept), '[]') AS changes,
            max(seq) FILTER (WHERE kept) AS last_kept
-      FROM (SELECT seq, change, n <= $3 AND (n = 1 OR bytes <= $4) AS kept FROM fetched) AS marked)
-SELECT jsonb_build_object(
-           'changes', page.changes,
-           'cursor', CASE WHEN NOT mode.reset THEN coalesce(page.last_kept, $2)
-                          WHEN page.fetched > page.kept THEN -page.last_kept
-                          ELSE mode.last_seq END,
-           'has_more', page.fetched > page.kept)
-       || CASE WHEN mode.reset THEN '{\"reset\": true}'::jsonb ELSE '{}'::jsonb END
-  FROM mode, page";
+      FROM (SELECT seq, change, n <= $3 AND (n = 1 OR bytes <= $4) AS kept FROM fetched) AS marked),
+answer AS (
+    SELECT page.changes, page.fetched > page.kept AS has_more, mode.reset, mode.last_seq, mode.digest,
+           CASE WHEN NOT mode.reset THEN coalesce(page.last_kept, $2)
+                WHEN page.fetched > page.kept THEN -page.last_kept
+                ELSE mode.last_seq END AS cursor
+      FROM mode, page)
+SELECT jsonb_build_object('changes', changes, 'cursor', cursor, 'has_more', has_more)
+       || CASE WHEN reset THEN '{\"reset\": true}'::jsonb ELSE '{}'::jsonb END
+       || CASE WHEN NOT has_more AND cursor = last_seq
+               THEN jsonb_build_object('digest', lpad(to_hex(digest), 16, '0')) ELSE '{}'::jsonb END
+  FROM answer";
 
 /// Returns `{"changes":[...],"cursor":N,"has_more":bool}` (plus `"reset":true` when the cursor cannot be
-/// continued from the log): at most `max_changes` changes after `since`. The body is built by one query
+/// continued from the log, and on the page that ends at the tenant's last seq the `"digest"` of its
+/// visible rows): at most `max_changes` changes after `since`. The body is built by one query
 /// and returned without re-parsing.
 #[pg_extern(stable, parallel_safe)]
 fn sync_pull(tenant: &str, since: i64, max_changes: default!(i32, 1000)) -> Result<JsonbDatum, ErrorReport> {
@@ -99,6 +103,34 @@ fn pull_page<T>(tenant: &str, since: i64, max_changes: i32, take: impl FnOnce(Sp
     })
 }
 
+/// Functions of the `sync_ext` schema.
+#[pg_schema]
+mod sync_ext {
+    use pgrx::prelude::*;
+
+    /// The digest of a tenant's visible rows computed from its snapshots: what `sync_ext.tenants.digest`
+    /// keeps up to date on every write (a bigint holding the bits of the unsigned digest). The owner's.
+    #[pg_extern(stable, parallel_safe)]
+    fn tenant_digest(tenant: &str) -> Result<i64, pgrx::pg_sys::panic::ErrorReport> {
+        Ok(super::tenant_digest(tenant)? as i64)
+    }
+}
+
+fn tenant_digest(tenant: &str) -> SyncResult<u64> {
+    as_engine(|_| {
+        Spi::connect(|client| {
+            let rows = client.select("SELECT model, id, value FROM sync_ext.snapshots WHERE tenant_id = $1 AND NOT deleted", None, &[tenant.into()])?;
+            let mut digest = 0u64;
+            for row in rows {
+                let (model, id, value) = (row.get::<String>(1)?.unwrap_or_default(), row.get::<String>(2)?.unwrap_or_default(), row.get::<JsonB>(3)?);
+                let value = value.and_then(|value| value.0.as_object().cloned()).unwrap_or_default();
+                digest = digest.wrapping_add(sync_ext_protocol::digest::row_digest(&model, &id, &value));
+            }
+            Ok(digest)
+        })
+    })
+}
+
 #[cfg(any(test, feature = "pg_test"))]
 #[pg_schema]
 mod tests {
@@ -122,7 +154,9 @@ mod tests {
         let last = pull("t", 4, 2);
         assert_eq!((seqs(&last), last["cursor"].clone(), last["has_more"].clone()), (vec![5], json!(5), json!(false)));
         let caught_up = pull("t", 5, 2);
-        assert_eq!(caught_up, json!({"changes": [], "cursor": 5, "has_more": false}));
+        assert_eq!(caught_up, json!({"changes": [], "cursor": 5, "has_more": false, "digest": digest_of_rows("t")}));
+        assert!(first.get("digest").is_none() && second.get("digest").is_none(), "only the page that ends at the last seq has it");
+        assert_eq!(last["digest"], digest_of_rows("t"));
         let exact = pull("t", 3, 2);
         assert_eq!((seqs(&exact), exact["has_more"].clone()), (vec![4, 5], json!(false)));
         assert_eq!(
@@ -130,6 +164,30 @@ mod tests {
             json!({"seq": 5, "op_id": "00000000-0000-4000-8000-000000000005", "model": "todo", "pk": "5", "op": "insert",
                    "hlc": "2026-01-01T00:00:00.000Z-0000", "actor": "a", "value": {"n": 5}})
         );
+    }
+
+    /// The digest of a tenant's visible rows computed from its snapshots, as pulls write it.
+    fn digest_of_rows(tenant: &str) -> Value {
+        json!(Spi::get_one_with_args::<String>("SELECT lpad(to_hex(sync_ext.tenant_digest($1)), 16, '0')", &[tenant.into()]).unwrap().unwrap())
+    }
+
+    #[pg_test]
+    fn the_digest_kept_on_every_write_equals_the_one_computed_from_the_rows() {
+        let history = [
+            json!([change(1, "1", "insert", "00.000", "a", json!({"title": "milk", "n": 1.0})), change(2, "2", "insert", "00.000", "a", json!({"title": "eggs"}))]),
+            json!([change(3, "1", "update", "01.000", "b", json!({"n": 2})), change(4, "2", "delete", "01.000", "b", Value::Null)]),
+            json!([change(5, "2", "update", "02.000", "c", json!({"title": "eggs again"})), change(6, "1", "update", "00.500", "c", json!({"late": true}))]),
+            json!([change(7, "3", "delete", "03.000", "a", Value::Null), change(3, "1", "update", "01.000", "b", json!({"n": 2}))]),
+        ];
+        for batch in history {
+            push("t", batch);
+            let kept = Spi::get_one::<bool>("SELECT digest = sync_ext.tenant_digest('t') FROM sync_ext.tenants WHERE tenant_id = 't'").unwrap();
+            assert_eq!(kept, Some(true));
+        }
+        Spi::run("SELECT sync_compact('t', '0 seconds')").unwrap();
+        let reset = pull("t", 0, 1000);
+        assert_eq!((reset["reset"].clone(), reset["digest"].clone()), (json!(true), digest_of_rows("t")), "a reset's last page has it too");
+        assert_ne!(reset["digest"], "0000000000000000");
     }
 
     #[pg_test]
@@ -171,7 +229,7 @@ mod tests {
         assert_eq!(acme["changes"].as_array().unwrap().len(), 1);
         assert_eq!(acme["changes"][0]["value"]["owner"], "acme");
         assert_eq!(globex["changes"][0]["value"]["owner"], "globex");
-        assert_eq!(pull("initech", 0, 100), json!({"changes": [], "cursor": 0, "has_more": false}));
+        assert_eq!(pull("initech", 0, 100), json!({"changes": [], "cursor": 0, "has_more": false, "digest": "0000000000000000"}));
     }
 
     #[pg_test]

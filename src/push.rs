@@ -8,7 +8,7 @@ use pgrx::spi::SpiClient;
 use serde_json::Value;
 use sync_ext_protocol::hlc::wall_clock_millis;
 use sync_ext_protocol::wire::PushLimits;
-use sync_ext_protocol::{merge_batch, parse_changes, validate_tenant, BatchContext, BatchOutcome, Change, ParsedBatch, PushResponse, Status};
+use sync_ext_protocol::{merge_batch, parse_changes, validate_tenant, BatchContext, BatchOutcome, Change, ParsedBatch, PushResponse, RowKey, Status};
 
 use crate::auth::authorize;
 use crate::errors::{SyncError, SyncResult};
@@ -56,7 +56,7 @@ pub fn push(tenant: &str, body: &Body, read: impl FnOnce() -> SyncResult<Value>)
             if !models.is_empty() {
                 return Ok(FirstPass::Bound(Bound { changes, refused, skew: settings.max_clock_skew_ms, models, limits }));
             }
-            let state = storage::lock_tenant(client, tenant, true)?;
+            let state = storage::lock_tenant(client, tenant)?;
             let outcome = store_batch(client, tenant, &state, &changes, refused, settings.max_clock_skew_ms)?;
             Ok(FirstPass::Done(PushResponse { cursor: outcome.last_seq, results: outcome.results, limits }))
         })
@@ -67,24 +67,24 @@ pub fn push(tenant: &str, body: &Body, read: impl FnOnce() -> SyncResult<Value>)
     for (index, reason) in models::normalize_changes(&mut changes, tenant, &models, &refused) {
         refused.insert(index, reason);
     }
-    let (state, mut outcome) = as_engine(|_| Spi::connect_mut(|client| {
-        let state = storage::lock_tenant(client, tenant, true)?;
-        let outcome = merge(client, tenant, &state, &changes, refused.clone(), skew)?;
-        Ok((state, outcome))
+    let (state, mut merged) = as_engine(|_| Spi::connect_mut(|client| {
+        let state = storage::lock_tenant(client, tenant)?;
+        let merged = merge(client, tenant, &state, &changes, refused.clone(), skew)?;
+        Ok((state, merged))
     }))?;
-    let refused_rows = models::write_rows(tenant, &models, &pending_writes(&outcome, &models))?;
+    let refused_rows = models::write_rows(tenant, &models, &pending_writes(&merged.outcome, &models))?;
     as_engine(|_| Spi::connect_mut(|client| {
         if !refused_rows.is_empty() {
             for (index, change) in changes.iter().enumerate() {
-                let duplicate = matches!(outcome.results[index].status, Status::Duplicate { .. });
+                let duplicate = matches!(merged.outcome.results[index].status, Status::Duplicate { .. });
                 if let Some(reason) = refused_rows.get(&(change.model.clone(), change.pk.clone())).filter(|_| !duplicate) {
                     refused.entry(index).or_insert_with(|| reason.clone());
                 }
             }
-            outcome = merge(client, tenant, &state, &changes, refused, skew)?;
+            merged = merge(client, tenant, &state, &changes, refused, skew)?;
         }
-        store(client, tenant, &state, &changes, &outcome)?;
-        Ok(PushResponse { cursor: outcome.last_seq, results: outcome.results, limits })
+        store(client, tenant, &state, &changes, &merged)?;
+        Ok(PushResponse { cursor: merged.outcome.last_seq, results: merged.outcome.results, limits })
     }))
 }
 
@@ -116,8 +116,15 @@ fn pending_writes(outcome: &BatchOutcome, models: &HashMap<String, Model>) -> Pe
     pending
 }
 
+/// A batch's outcome, and the tenant's state digest after it.
+struct Merged {
+    outcome: BatchOutcome,
+    digest: u64,
+}
+
 /// Decides a batch against the stored state of a locked tenant (two reads, no writes). Changes stamped
-/// more than `max_clock_skew_ms` ahead of the server clock are refused.
+/// more than `max_clock_skew_ms` ahead of the server clock are refused. The tenant's digest moves by
+/// what the changed rows' digests moved.
 fn merge(
     client: &SpiClient<'_>,
     tenant: &str,
@@ -125,25 +132,37 @@ fn merge(
     changes: &[Change],
     refused: HashMap<usize, String>,
     max_clock_skew_ms: i32,
-) -> SyncResult<BatchOutcome> {
+) -> SyncResult<Merged> {
+    let rows = storage::load_rows(client, tenant, changes)?;
+    let before: HashMap<RowKey, u64> = rows.iter().filter_map(|(key, row)| Some((key.clone(), visible_digest(key, &row.visible()?)))).collect();
     let context = BatchContext {
         last_seq: state.last_seq,
         logged: storage::logged_ops(client, tenant, changes)?,
-        rows: storage::load_rows(client, tenant, changes)?,
+        rows,
         latest_allowed_millis: wall_clock_millis() + i64::from(max_clock_skew_ms),
         stale_through: state.horizon_hlc,
         refused,
     };
-    Ok(merge_batch(changes, context))
+    let outcome = merge_batch(changes, context);
+    let digest = outcome.rows.iter().fold(state.digest, |digest, (key, touched)| {
+        let after = touched.state.visible().map_or(0, |value| visible_digest(key, &value));
+        digest.wrapping_sub(before.get(key).copied().unwrap_or(0)).wrapping_add(after)
+    });
+    Ok(Merged { outcome, digest })
 }
 
-/// Writes a batch's outcome: the op log, the snapshots, the tenant's counters, and a notification.
-fn store(client: &mut SpiClient<'_>, tenant: &str, state: &TenantState, changes: &[Change], outcome: &BatchOutcome) -> SyncResult<()> {
+fn visible_digest((model, pk): &RowKey, value: &serde_json::Map<String, Value>) -> u64 {
+    sync_ext_protocol::digest::row_digest(model, pk, value)
+}
+
+/// Writes a batch's outcome: the op log, the snapshots, the tenant's counters and digest, and a notification.
+fn store(client: &mut SpiClient<'_>, tenant: &str, state: &TenantState, changes: &[Change], merged: &Merged) -> SyncResult<()> {
+    let outcome = &merged.outcome;
     if outcome.appended.is_empty() {
         return Ok(());
     }
     let newest = outcome.appended.iter().map(|entry| changes[entry.index].hlc).max();
-    storage::write_batch(client, tenant, changes, outcome, state.last_hlc.max(newest))?;
+    storage::write_batch(client, tenant, changes, outcome, state.last_hlc.max(newest), merged.digest)?;
     Ok(())
 }
 
@@ -156,8 +175,9 @@ pub fn store_batch(
     refused: HashMap<usize, String>,
     max_clock_skew_ms: i32,
 ) -> SyncResult<BatchOutcome> {
-    let outcome = merge(client, tenant, state, changes, refused, max_clock_skew_ms)?;
-    store(client, tenant, state, changes, &outcome)?;
+    let merged = merge(client, tenant, state, changes, refused, max_clock_skew_ms)?;
+    store(client, tenant, state, changes, &merged)?;
+    let outcome = merged.outcome;
     Ok(outcome)
 }
 

@@ -45,37 +45,40 @@ pub struct TenantState {
     pub last_hlc: Option<Hlc>,
     /// The greatest hlc compaction removed from the log: changes at or before it are `stale`.
     pub horizon_hlc: Option<Hlc>,
+    /// The digest of the tenant's visible rows (see `sync_ext_protocol::digest`).
+    pub digest: u64,
 }
 
 /// Locks the tenant's counter row until the transaction ends (creating it on first use) and returns
 /// its counters. Pushes to one tenant run one after another from here on; other tenants never wait.
-///
-/// Changes the server makes are stamped after everything the tenant has seen, so they are never stale:
-/// without `with_horizon` the compaction horizon is not read (capture then also works on the schema of
-/// an older version, between installing this library and `ALTER EXTENSION sync_ext UPDATE`).
-pub fn lock_tenant(client: &mut SpiClient<'_>, tenant: &str, with_horizon: bool) -> SyncResult<TenantState> {
-    let horizon = if with_horizon { "horizon_hlc" } else { "NULL::text" };
+pub fn lock_tenant(client: &mut SpiClient<'_>, tenant: &str) -> SyncResult<TenantState> {
     let mut locked = plans::update(
         client,
-        &format!("SELECT last_seq, last_hlc, {horizon} FROM sync_ext.tenants WHERE tenant_id = $1 FOR NO KEY UPDATE"),
+        "SELECT last_seq, last_hlc, horizon_hlc, digest FROM sync_ext.tenants WHERE tenant_id = $1 FOR NO KEY UPDATE",
         Some(1),
         &[tenant.into()],
     )?;
     if locked.is_empty() {
         locked = plans::update(
             client,
-            &format!(
-                "INSERT INTO sync_ext.tenants AS t (tenant_id) VALUES ($1)
-                 ON CONFLICT (tenant_id) DO UPDATE SET last_seq = t.last_seq
-                 RETURNING last_seq, last_hlc, {horizon}"
-            ),
+            "INSERT INTO sync_ext.tenants AS t (tenant_id) VALUES ($1)
+             ON CONFLICT (tenant_id) DO UPDATE SET last_seq = t.last_seq
+             RETURNING last_seq, last_hlc, horizon_hlc, digest",
             Some(1),
             &[tenant.into()],
         )?;
     }
-    let (last_seq, last_hlc, horizon_hlc) = locked.first().get_three::<i64, String, String>()?;
-    let hlc = |text: Option<String>| text.map(|text| text.parse().map_err(|_| SyncError::CorruptTenant { tenant: tenant.to_owned() })).transpose();
-    Ok(TenantState { last_seq: last_seq.unwrap_or(0), last_hlc: hlc(last_hlc)?, horizon_hlc: hlc(horizon_hlc)? })
+    let row = locked.first();
+    let hlc = |ordinal: usize| -> SyncResult<Option<Hlc>> {
+        row.get::<String>(ordinal)?.map(|text| text.parse().map_err(|_| SyncError::CorruptTenant { tenant: tenant.to_owned() })).transpose()
+    };
+    Ok(TenantState {
+        last_seq: row.get::<i64>(1)?.unwrap_or(0),
+        last_hlc: hlc(2)?,
+        horizon_hlc: hlc(3)?,
+        // The digest travels as the bits of a u64 in a bigint.
+        digest: row.get::<i64>(4)?.unwrap_or(0) as u64,
+    })
 }
 
 /// The batch's op_ids that are already in the log.
@@ -148,7 +151,7 @@ fn object_column(value: Option<JsonB>) -> Option<Map<String, Value>> {
 ///
 /// Every changed row's new state belongs to the last change that altered it, so both travel in one
 /// array row; a state whose value is exactly what that change logged is sent once.
-pub fn write_batch(client: &mut SpiClient<'_>, tenant: &str, changes: &[Change], outcome: &BatchOutcome, last_hlc: Option<Hlc>) -> SyncResult<()> {
+pub fn write_batch(client: &mut SpiClient<'_>, tenant: &str, changes: &[Change], outcome: &BatchOutcome, last_hlc: Option<Hlc>, digest: u64) -> SyncResult<()> {
     let final_states: HashMap<i64, &TouchedRow> = outcome.rows.values().map(|touched| (touched.seq, touched)).collect();
     let count = outcome.appended.len();
     let mut log = LogColumns::with_capacity(count);
@@ -159,7 +162,7 @@ pub fn write_batch(client: &mut SpiClient<'_>, tenant: &str, changes: &[Change],
     }
     let LogColumns { seqs, op_ids, models, pks, ops, actors, hlcs, payloads, hashes } = log;
     let RowColumns { saved, values, hlcs: row_hlcs, actors: row_actors, op_ids: row_op_ids, deleted, deleted_hlcs, field_stamps } = rows;
-    let args: [DatumWithOid; 20] = [
+    let args: [DatumWithOid; 21] = [
         tenant.into(),
         seqs.into(),
         op_ids.into(),
@@ -180,6 +183,7 @@ pub fn write_batch(client: &mut SpiClient<'_>, tenant: &str, changes: &[Change],
         field_stamps.into(),
         outcome.last_seq.into(),
         last_hlc.map(|hlc| hlc.to_string()).into(),
+        (digest as i64).into(),
     ];
     plans::update(client, WRITE_BATCH, None, &args)?;
     Ok(())
@@ -206,7 +210,7 @@ saved AS (
            deleted = excluded.deleted, deleted_hlc = excluded.deleted_hlc, field_stamps = excluded.field_stamps,
            seq = excluded.seq),
 advanced AS (
-    UPDATE sync_ext.tenants SET last_seq = $19, last_hlc = $20, last_push_at = now() WHERE tenant_id = $1)
+    UPDATE sync_ext.tenants SET last_seq = $19, last_hlc = $20, last_push_at = now(), digest = $21 WHERE tenant_id = $1)
 SELECT pg_notify('sync_ext', $1)";
 
 /// The op log columns of a batch, as arrays.

@@ -1,6 +1,7 @@
 //! A bound table always holds the merge's visible rows: after every push, whatever the order, batching,
 //! ties, late deletes, resurrections and re-sends, each row the merge shows holds exactly its visible
-//! fields (other columns as a fresh INSERT would leave them) and each row the merge hides is absent.
+//! fields (other columns as a fresh INSERT would leave them) and each row the merge hides is absent; and
+//! the tenant's digest, kept on every write, equals the one computed from its rows.
 //!
 //! Random histories are generated with proptest from a printed seed. The suite runs 1,000 histories;
 //! `SYNC_EXT_CASES=10000 cargo test -p sync_ext_pgrx_tests --test bound_tables` runs ten times more, and
@@ -92,6 +93,11 @@ fn a_bound_table_equals_the_merges_visible_rows_after_every_push() {
             let rejected: Vec<_> = response.results.iter().filter(|result| matches!(result.status, Status::Rejected { .. })).collect();
             prop_assert!(rejected.is_empty(), "push {number} refused changes: {rejected:?}");
             prop_assert_eq!(table_rows(client, &tenant), expected_rows(client, &tenant), "after push {} of {:?}", number, batch);
+            let digest_kept: bool = client
+                .query_one("SELECT digest = sync_ext.tenant_digest(tenant_id) FROM sync_ext.tenants WHERE tenant_id = $1", &[&tenant])
+                .unwrap()
+                .get(0);
+            prop_assert!(digest_kept, "the digest kept by push {} equals the one computed from the rows", number);
         }
         Ok(())
     });

@@ -337,3 +337,98 @@ async fn a_write_the_server_cannot_store_is_refused_locally_and_never_stalls_the
     assert!(matches!(&refused, Error::Unstorable(reason) if reason.starts_with("value_too_large: change.value is over 1048576 bytes")), "{refused}");
     assert_eq!(device.pending().unwrap(), 0);
 }
+
+type Hook = Box<dyn FnOnce() + Send>;
+
+/// A remote that runs a hook (once) when the client asks for a reset from beyond the log, as its
+/// repair of a replica that differs from the server does: the app writing while the repair runs.
+struct DuringRepair {
+    inner: PgRemote,
+    hook: Arc<std::sync::Mutex<Option<Hook>>>,
+}
+
+impl Remote for DuringRepair {
+    async fn push(&self, tenant: &str, changes: &[Change]) -> sync_ext_client::Result<PushResponse> {
+        self.inner.push(tenant, changes).await
+    }
+
+    async fn pull(&self, tenant: &str, since: i64, max_changes: i32) -> sync_ext_client::Result<PullResponse> {
+        let page = self.inner.pull(tenant, since, max_changes).await?;
+        let hook = if since == i64::MAX { self.hook.lock().unwrap().take() } else { None };
+        if let Some(hook) = hook {
+            hook();
+        }
+        Ok(page)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_altered_behind_the_client_is_caught_by_the_digest_and_repaired() {
+    let (cluster, url) = start();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("phone.db");
+    let hook: Arc<std::sync::Mutex<Option<Hook>>> = Arc::default();
+    let remote = DuringRepair { inner: PgRemote::new(&url), hook: hook.clone() };
+    let phone = Arc::new(SyncClient::builder().tenant("acme").actor("phone").local(LocalStore::sqlite(&path).unwrap()).remote(remote).pull_page(2).build().unwrap());
+    let laptop = client("acme", "laptop", LocalStore::memory(), PgRemote::new(&url));
+    for n in 1..=4 {
+        phone.insert("todo", &n.to_string(), &json!({"title": format!("todo {n}"), "n": n})).unwrap();
+    }
+    phone.sync().await.unwrap();
+    laptop.insert("todo", "from-laptop", &json!({"title": "eggs"})).unwrap();
+    laptop.delete("todo", "4").unwrap();
+    laptop.sync().await.unwrap();
+    let report = phone.sync().await.unwrap();
+    assert!(!report.repaired, "an intact replica matches the server's digest");
+    assert_eq!(rows(&*phone, "todo"), server_rows(&cluster, "acme", "todo"));
+
+    // An unsent change, then the file is altered behind the client: through another connection to it,
+    // row 1's title changes (what the server confirmed and what the app sees), row 2 is lost, a row
+    // the server never had appears.
+    phone.update("todo", "3", &json!({"title": "unsent, made before the damage"})).unwrap();
+    let damaged = LocalStore::sqlite(&path).unwrap();
+    damaged
+        .transaction(|t| {
+            let mut row = t.row("todo", "1")?;
+            for state in [&mut row.confirmed, &mut row.local] {
+                state.fields.get_mut("title").expect("row 1 has a title").value = json!("damaged");
+            }
+            t.put_row("todo", "1", &row)?;
+            t.put_row("todo", "2", &sync_ext_client::LocalRow::default())?;
+            let phantom = t.row("todo", "from-laptop")?;
+            t.put_row("todo", "phantom", &phantom)
+        })
+        .unwrap();
+    drop(damaged);
+    assert_eq!(rows(&*phone, "todo")["1"]["title"], "damaged");
+    assert!(!rows(&*phone, "todo").contains_key("2"));
+    assert_eq!(phone.pending().unwrap(), 1, "the damage left the outbox alone");
+
+    // The next sync pushes the unsent change, finds the digest differs, and repairs by a reset; a
+    // change the app makes while the repair runs stays unsent, on top of the repaired rows.
+    let writer = Arc::downgrade(&phone);
+    *hook.lock().unwrap() = Some(Box::new(move || {
+        writer.upgrade().expect("the client is alive").insert("todo", "5", &json!({"title": "written during the repair"})).unwrap();
+    }));
+    let report = phone.sync().await.unwrap();
+    assert!(report.repaired, "the damaged replica was repaired: {report:?}");
+    assert_eq!(report.pushed, 1);
+    assert!(hook.lock().unwrap().is_none(), "the repair asked for a reset from beyond the log");
+    let server = server_rows(&cluster, "acme", "todo");
+    assert_eq!(server["3"]["title"], "unsent, made before the damage", "the change made before the damage reached the server");
+    assert_eq!(server["1"]["title"], "todo 1");
+    assert!(server.contains_key("2") && !server.contains_key("phantom") && !server.contains_key("5"));
+    assert_eq!(phone.pending().unwrap(), 1, "the change made during the repair is still pending");
+    let mut expected = server.clone();
+    expected.insert("5".into(), json!({"title": "written during the repair"}).as_object().cloned().unwrap());
+    assert_eq!(rows(&*phone, "todo"), expected, "the server's rows, with the unsent change on top");
+
+    let report = phone.sync().await.unwrap();
+    assert!(!report.repaired, "a repaired replica matches the digest: {report:?}");
+    assert_eq!((report.pushed, phone.pending().unwrap()), (1, 0), "the pending change synced");
+    let server = server_rows(&cluster, "acme", "todo");
+    assert_eq!(server["5"]["title"], "written during the repair");
+    assert_eq!(rows(&*phone, "todo"), server);
+    laptop.sync().await.unwrap();
+    assert_eq!(rows(&laptop, "todo"), server, "the repair changed nothing for other replicas");
+}

@@ -164,6 +164,36 @@ fn upgrading_from_0_2_0_keeps_data_and_behaviour() {
     upgrade_keeps_data_and_behaviour("0.2.0");
 }
 
+/// A bound table and a tenant's sync state as versions 0.1.0 and 0.2.0 left them: two rows inserted by
+/// plain SQL and one of them updated (seqs 1 to 3).
+const OLD_VERSION_DATA: &str = r#"
+    CREATE TABLE todos (id int PRIMARY KEY, tenant_id text NOT NULL, title text, due timestamptz);
+    INSERT INTO todos VALUES (1, 'acme', 'from SQL', '2026-11-24 10:00:00.5+00'), (2, 'acme', 'edited', NULL);
+    INSERT INTO sync_ext.models (model, table_name, tenant_column) VALUES ('todo', 'todos', 'tenant_id');
+    CREATE TRIGGER sync_ext_capture_insert AFTER INSERT ON todos
+        REFERENCING NEW TABLE AS sync_ext_new FOR EACH STATEMENT EXECUTE FUNCTION sync_ext.capture_insert();
+    CREATE TRIGGER sync_ext_capture_update AFTER UPDATE ON todos
+        REFERENCING OLD TABLE AS sync_ext_old NEW TABLE AS sync_ext_new FOR EACH STATEMENT EXECUTE FUNCTION sync_ext.capture_update();
+    CREATE TRIGGER sync_ext_capture_delete AFTER DELETE ON todos
+        REFERENCING OLD TABLE AS sync_ext_old FOR EACH STATEMENT EXECUTE FUNCTION sync_ext.capture_delete();
+    CREATE TRIGGER sync_ext_forbid_truncate BEFORE TRUNCATE ON todos FOR EACH STATEMENT EXECUTE FUNCTION sync_ext.forbid_truncate();
+    INSERT INTO sync_ext.tenants (tenant_id, last_seq, last_hlc) VALUES ('acme', 3, '2026-11-24T10:00:02.000Z-0000');
+    INSERT INTO sync_ext.op_log (tenant_id, seq, op_id, model, pk, op, actor, hlc, updated_at, payload, payload_hash) VALUES
+        ('acme', 1, '00000000-0000-4000-8000-000000000001', 'todo', '1', 'insert', 'server', '2026-11-24T10:00:00.000Z-0000',
+         '2026-11-24 10:00:00+00', '{"id": 1, "title": "from SQL", "due": "2026-11-24T10:00:00.500000Z"}', ''),
+        ('acme', 2, '00000000-0000-4000-8000-000000000002', 'todo', '2', 'insert', 'server', '2026-11-24T10:00:01.000Z-0000',
+         '2026-11-24 10:00:01+00', '{"id": 2, "title": "second", "due": null}', ''),
+        ('acme', 3, '00000000-0000-4000-8000-000000000003', 'todo', '2', 'update', 'server', '2026-11-24T10:00:02.000Z-0000',
+         '2026-11-24 10:00:02+00', '{"title": "edited"}', '');
+    INSERT INTO sync_ext.snapshots (tenant_id, model, id, value, hlc, actor, op_id, deleted, deleted_hlc, field_stamps, seq) VALUES
+        ('acme', 'todo', '1', '{"id": 1, "title": "from SQL", "due": "2026-11-24T10:00:00.500000Z"}', '2026-11-24T10:00:00.000Z-0000',
+         'server', '00000000-0000-4000-8000-000000000001', false, NULL, '{}', 1),
+        ('acme', 'todo', '2', '{"id": 2, "title": "edited", "due": null}', '2026-11-24T10:00:02.000Z-0000',
+         'server', '00000000-0000-4000-8000-000000000003', false, NULL,
+         '{"id": ["2026-11-24T10:00:01.000Z-0000", "server", "00000000-0000-4000-8000-000000000002"],
+           "due": ["2026-11-24T10:00:01.000Z-0000", "server", "00000000-0000-4000-8000-000000000002"]}', 3);
+"#;
+
 /// Installs released version `from`, fills it, updates to the current version and checks that the data,
 /// the behaviour and the schema are those of a fresh install.
 fn upgrade_keeps_data_and_behaviour(from: &str) {
@@ -171,19 +201,17 @@ fn upgrade_keeps_data_and_behaviour(from: &str) {
     cluster.connect("postgres").batch_execute("CREATE DATABASE old").unwrap();
     let mut old = cluster.connect("old");
     old.batch_execute(&format!("CREATE EXTENSION sync_ext VERSION '{from}'")).unwrap();
-    // Between installing new binaries and ALTER EXTENSION UPDATE, plain SQL writes are still captured and
-    // the sync functions say what to do.
-    old.batch_execute(
-        "CREATE TABLE todos (id int PRIMARY KEY, tenant_id text NOT NULL, title text, due timestamptz);
-         SELECT sync_register_model('todo', 'todos', tenant_column => 'tenant_id');
-         INSERT INTO todos VALUES (1, 'acme', 'from SQL', '2026-11-24 10:00:00.5+00'), (2, 'acme', 'second', NULL);
-         UPDATE todos SET title = 'edited' WHERE id = 2;",
-    )
-    .unwrap();
-    let outdated = old.query_one("SELECT sync_pull('acme', 0)", &[]).unwrap_err();
-    let outdated = outdated.as_db_error().expect("a database error");
-    assert_eq!(outdated.code().code(), "55000");
-    assert!(outdated.message().ends_with("run ALTER EXTENSION sync_ext UPDATE"), "{}", outdated.message());
+    // What the older version had written: a bound table with its capture triggers, and a tenant's log,
+    // snapshots and counters (the library that wrote them is gone; this one only updates them).
+    old.batch_execute(OLD_VERSION_DATA).unwrap();
+    // Between installing the new library and ALTER EXTENSION UPDATE, the sync functions and the capture
+    // triggers say what to do.
+    for sql in ["SELECT sync_pull('acme', 0)", "UPDATE todos SET title = 'too early' WHERE id = 1"] {
+        let outdated = old.batch_execute(sql).unwrap_err();
+        let outdated = outdated.as_db_error().expect("a database error");
+        assert_eq!(outdated.code().code(), "55000", "{sql}");
+        assert!(outdated.message().ends_with("run ALTER EXTENSION sync_ext UPDATE"), "{}", outdated.message());
+    }
     // Limits set as parameters before 0.3.0 become operator settings.
     old.batch_execute("ALTER DATABASE old SET sync_ext.max_clock_skew = '2h'").unwrap();
     let mut old = cluster.connect("old");
@@ -200,6 +228,8 @@ fn upgrade_keeps_data_and_behaviour(from: &str) {
     let carried: String = old.query_one("SELECT string_agg(name || '=' || value, ',') FROM sync_ext.settings", &[]).unwrap().get(0);
     assert_eq!(carried, "max_clock_skew=7200000");
     assert_eq!(log(&mut old), before, "every change is still there, unchanged");
+    let digest_kept: bool = old.query_one("SELECT bool_and(digest = sync_ext.tenant_digest(tenant_id)) FROM sync_ext.tenants", &[]).unwrap().get(0);
+    assert!(digest_kept, "the update computed the digest of every existing tenant");
 
     let next = vec![change(Op::Update, "todo", "2", hlc_ago(0, 0xff00), "phone", json!({"title": "after upgrade"}))];
     assert_eq!(push(&mut old, "acme", &next).unwrap().cursor, 4);
@@ -223,7 +253,10 @@ fn upgrade_keeps_data_and_behaviour(from: &str) {
     let fresh: String = cluster.connect("fresh").query_one(schema, &[]).unwrap().get(0);
     assert_eq!(upgraded, fresh, "an upgraded database has the schema, functions, privileges and policies of a fresh one");
     old.batch_execute("UPDATE todos SET title = 'captured after the upgrade' WHERE id = 1").unwrap();
-    assert_eq!(pull_all(&mut old, "acme", 4, 10).unwrap().changes.len(), 1, "capture triggers work after the upgrade");
+    let after = pull_all(&mut old, "acme", 4, 10).unwrap();
+    assert_eq!(after.changes.len(), 1, "capture triggers work after the upgrade");
+    let digest: String = old.query_one("SELECT lpad(to_hex(sync_ext.tenant_digest('acme')), 16, '0')", &[]).unwrap().get(0);
+    assert_eq!(after.digest, Some(digest), "the digest kept on every write equals the one computed from the rows");
 }
 
 #[test]
