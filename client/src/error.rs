@@ -21,6 +21,11 @@ pub enum Error {
     /// A row stored locally does not decode as the type asked for.
     #[error("row {model}/{pk} does not decode: {problem}")]
     Decode { model: String, pk: String, problem: String },
+    /// The local replica's confirmed rows still differ from the server's after a repair: the digest of
+    /// its rows is `local`, the server's is `server` (16 hex digits each). The repair was done once and
+    /// not repeated; the local data and the outbox are kept as the repair left them.
+    #[error("the local replica still differs from the server after a repair: digest {local}, the server's {server}")]
+    DigestMismatch { server: String, local: String },
     /// The builder is missing a part.
     #[error("builder: {0} is required")]
     Builder(&'static str),

@@ -58,7 +58,7 @@ async fn run<R: Remote + 'static>(client: Arc<SyncClient<R>>, options: LiveOptio
         match client.sync().await {
             Ok(report) => {
                 backoff = None;
-                tracing::debug!(pushed = report.pushed, pulled = report.pulled, "synced");
+                tracing::debug!(pushed = report.pushed, pulled = report.pulled, repaired = report.repaired, "synced");
             }
             Err(error) => {
                 let next = backoff.map_or(Duration::from_millis(100), |wait| (wait * 2).min(options.max_backoff));

@@ -16,6 +16,13 @@ pub trait Remote: Send + Sync {
     fn push(&self, tenant: &str, changes: &[Change]) -> impl Future<Output = Result<PushResponse>> + Send;
     /// Calls `sync_pull(tenant, since, max_changes)`.
     fn pull(&self, tenant: &str, since: i64, max_changes: i32) -> impl Future<Output = Result<PullResponse>> + Send;
+    /// Calls `sync_pull(tenant, since, max_changes)` on the primary, where pushes go. The client pulls
+    /// this way only to repair its replica (see [`crate::SyncClient::sync`]): a reset asked for with a
+    /// cursor beyond the log, which a primary answers with the current rows and a hot standby with an
+    /// empty page. By default the same as [`Remote::pull`]; a remote that pulls from standbys overrides it.
+    fn pull_primary(&self, tenant: &str, since: i64, max_changes: i32) -> impl Future<Output = Result<PullResponse>> + Send {
+        self.pull(tenant, since, max_changes)
+    }
 }
 
 /// How changes and pulls travel: JSON (`sync_push` / `sync_pull`) or MessagePack with named fields
@@ -80,6 +87,7 @@ impl PgRemote {
 /// A [`Remote`] that pushes to a primary and pulls from one of its hot standbys, so pulls scale out
 /// with read replicas. A standby that lags answers "nothing new yet" (never a reset) for a cursor it
 /// has not reached. Notifications do not reach standbys: set [`crate::LiveOptions::listen_url`] to the primary.
+/// The pulls of a repair (a replica whose digest differs from the server's) go to the primary.
 pub struct ReadReplica<P, R> {
     /// Where pushes go.
     pub primary: P,
@@ -94,6 +102,10 @@ impl<P: Remote, R: Remote> Remote for ReadReplica<P, R> {
 
     async fn pull(&self, tenant: &str, since: i64, max_changes: i32) -> Result<PullResponse> {
         self.replica.pull(tenant, since, max_changes).await
+    }
+
+    async fn pull_primary(&self, tenant: &str, since: i64, max_changes: i32) -> Result<PullResponse> {
+        self.primary.pull_primary(tenant, since, max_changes).await
     }
 }
 

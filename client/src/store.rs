@@ -25,6 +25,17 @@ struct StoredLocalRow {
     local: Option<StoredRow>,
 }
 
+/// The confirmed half of a stored row alone (the local half is skipped, not decoded).
+#[derive(Deserialize)]
+struct StoredConfirmed {
+    confirmed: Option<StoredRow>,
+}
+
+fn decode_confirmed(text: &str) -> Result<RowState> {
+    let stored: StoredConfirmed = serde_json::from_str(text).map_err(|error| Error::Store(format!("a stored row does not decode: {error}")))?;
+    stored.confirmed.map(StoredRow::into_state).transpose().map_err(Error::Store).map(Option::unwrap_or_default)
+}
+
 impl LocalRow {
     fn encode(&self) -> String {
         let stored = StoredLocalRow { confirmed: StoredRow::from_state(&self.confirmed), local: StoredRow::from_state(&self.local) };
@@ -47,6 +58,9 @@ pub trait Transaction {
     fn clear_rows(&mut self) -> Result<()>;
     /// Every row of a model, by pk.
     fn rows(&mut self, model: &str) -> Result<BTreeMap<String, LocalRow>>;
+    /// Visits the confirmed state of every row of every model, one at a time, in no particular order
+    /// (the rows are streamed, not collected; their local state is not decoded).
+    fn for_each_confirmed(&mut self, visit: &mut dyn FnMut(&str, &str, &RowState) -> Result<()>) -> Result<()>;
     /// The oldest `limit` unsent changes, oldest first.
     fn outbox(&mut self, limit: usize) -> Result<Vec<Change>>;
     fn enqueue(&mut self, change: &Change) -> Result<()>;
@@ -150,6 +164,16 @@ impl Transaction for SqliteTransaction<'_> {
         .collect()
     }
 
+    fn for_each_confirmed(&mut self, visit: &mut dyn FnMut(&str, &str, &RowState) -> Result<()>) -> Result<()> {
+        let mut statement = self.0.prepare_cached("SELECT model, pk, state FROM rows")?;
+        let mut rows = statement.query([])?;
+        while let Some(row) = rows.next()? {
+            let (model, pk, state) = (row.get::<_, String>(0)?, row.get::<_, String>(1)?, row.get::<_, String>(2)?);
+            visit(&model, &pk, &decode_confirmed(&state)?)?;
+        }
+        Ok(())
+    }
+
     fn outbox(&mut self, limit: usize) -> Result<Vec<Change>> {
         let mut statement = self.0.prepare_cached("SELECT change FROM outbox ORDER BY position LIMIT ?1")?;
         let changes = statement.query_map([limit as i64], |row| row.get::<_, String>(0))?;
@@ -203,6 +227,10 @@ impl Transaction for MemoryState {
 
     fn rows(&mut self, model: &str) -> Result<BTreeMap<String, LocalRow>> {
         Ok(self.rows.iter().filter(|((m, _), _)| m == model).map(|((_, pk), row)| (pk.clone(), row.clone())).collect())
+    }
+
+    fn for_each_confirmed(&mut self, visit: &mut dyn FnMut(&str, &str, &RowState) -> Result<()>) -> Result<()> {
+        self.rows.iter().try_for_each(|((model, pk), row)| visit(model, pk, &row.confirmed))
     }
 
     fn outbox(&mut self, limit: usize) -> Result<Vec<Change>> {
