@@ -7,6 +7,7 @@ use pgrx::prelude::*;
 use pgrx::spi::SpiClient;
 use serde_json::Value;
 use sync_ext_protocol::hlc::wall_clock_millis;
+use sync_ext_protocol::digest::row_state_digest;
 use sync_ext_protocol::wire::PushLimits;
 use sync_ext_protocol::{merge_batch, parse_changes, validate_tenant, BatchContext, BatchOutcome, Change, ParsedBatch, PushResponse, RowKey, Status};
 
@@ -134,7 +135,7 @@ fn merge(
     max_clock_skew_ms: i32,
 ) -> SyncResult<Merged> {
     let rows = storage::load_rows(client, tenant, changes)?;
-    let before: HashMap<RowKey, u64> = rows.iter().filter_map(|(key, row)| Some((key.clone(), visible_digest(key, &row.visible()?)))).collect();
+    let before: HashMap<RowKey, u64> = rows.iter().map(|(key, row)| (key.clone(), row_state_digest(&key.0, &key.1, row))).collect();
     let context = BatchContext {
         last_seq: state.last_seq,
         logged: storage::logged_ops(client, tenant, changes)?,
@@ -145,14 +146,10 @@ fn merge(
     };
     let outcome = merge_batch(changes, context);
     let digest = outcome.rows.iter().fold(state.digest, |digest, (key, touched)| {
-        let after = touched.state.visible().map_or(0, |value| visible_digest(key, &value));
-        digest.wrapping_sub(before.get(key).copied().unwrap_or(0)).wrapping_add(after)
+        let was = before.get(key).copied().unwrap_or(0);
+        digest.wrapping_sub(was).wrapping_add(row_state_digest(&key.0, &key.1, &touched.state))
     });
     Ok(Merged { outcome, digest })
-}
-
-fn visible_digest((model, pk): &RowKey, value: &serde_json::Map<String, Value>) -> u64 {
-    sync_ext_protocol::digest::row_digest(model, pk, value)
 }
 
 /// Writes a batch's outcome: the op log, the snapshots, the tenant's counters and digest, and a notification.

@@ -57,7 +57,7 @@ use std::sync::Mutex;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::{Map, Value};
-use sync_ext_protocol::digest::{row_digest, to_wire};
+use sync_ext_protocol::digest::{row_state_digest, to_wire};
 use sync_ext_protocol::hlc::wall_clock_millis;
 use sync_ext_protocol::wire::PushLimits;
 use sync_ext_protocol::{change::validate_name, validate_tenant, Change, Hlc, HlcClock, Op, Status};
@@ -256,9 +256,7 @@ fn read_cursor(t: &mut dyn Transaction) -> Result<i64> {
 fn confirmed_digest(t: &mut dyn Transaction) -> Result<u64> {
     let mut digest = 0u64;
     t.for_each_confirmed(&mut |model, pk, confirmed| {
-        if let Some(value) = confirmed.visible() {
-            digest = digest.wrapping_add(row_digest(model, pk, &value));
-        }
+        digest = digest.wrapping_add(row_state_digest(model, pk, confirmed));
         Ok(())
     })?;
     Ok(digest)

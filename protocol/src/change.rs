@@ -317,10 +317,20 @@ fn write_json_string(text: &str, out: &mut Vec<u8>) {
     serde_json::to_writer(out, text).expect("strings serialize");
 }
 
-/// Writes an object in canonical JSON: keys in UTF-8 byte order at every level, no whitespace, numbers
-/// in their canonical form (what the payload hash and the state digest read).
-pub(crate) fn write_canonical_json(map: &Map<String, Value>, out: &mut Vec<u8>) {
-    write_canonical_object(map, NumberForm::Canonical, out);
+/// Writes an object's fields, given in UTF-8 byte order of their names, in canonical JSON: keys in UTF-8
+/// byte order at every level, no whitespace, numbers in their canonical form (what the payload hash and
+/// the state digest read).
+pub(crate) fn write_canonical_fields<'a>(fields: impl Iterator<Item = (&'a String, &'a Value)>, out: &mut Vec<u8>) {
+    out.push(b'{');
+    for (position, (key, item)) in fields.enumerate() {
+        if position > 0 {
+            out.push(b',');
+        }
+        write_json_string(key, out);
+        out.push(b':');
+        write_canonical(item, NumberForm::Canonical, out);
+    }
+    out.push(b'}');
 }
 
 /// How the payload hash writes numbers.
