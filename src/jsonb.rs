@@ -110,7 +110,7 @@ body_argument!(JsonbBody, "jsonb");
 body_argument!(ByteaBody, "bytea");
 
 impl JsonbBody {
-    /// Parses the JSON; input that cannot be carried exactly (nesting deeper than 128 levels, a number
+    /// Parses the JSON; input that cannot be carried exactly (nesting deeper than `MAX_JSON_DEPTH` levels, a number
     /// no double or 64-bit integer holds: see [`sync_ext_protocol::numbers`]) is an error naming `argument`.
     pub fn parse(&self, argument: &'static str) -> Result<serde_json::Value, SyncError> {
         // SAFETY: the datum is a jsonb (the function is declared with a jsonb argument); jsonb_out
