@@ -82,10 +82,16 @@ pub fn lock_tenant(client: &mut SpiClient<'_>, tenant: &str) -> SyncResult<Tenan
 }
 
 /// The batch's op_ids that are already in the log.
+///
+/// Both lookups of a batch go key by key (`LATERAL ... LIMIT 1` keeps the planner from turning them into
+/// a join against the tenant's whole range): their kept generic plans cannot know how big the tenant is.
 pub fn logged_ops(client: &SpiClient<'_>, tenant: &str, changes: &[Change]) -> SyncResult<HashMap<uuid::Uuid, LoggedOp>> {
     let op_ids: Vec<pgrx::Uuid> = changes.iter().map(|change| pg_uuid(&change.op_id)).collect();
     let table = plans::select(client, 
-        "SELECT op_id, seq, payload_hash FROM sync_ext.op_log WHERE tenant_id = $1 AND op_id = ANY($2)",
+        "SELECT o.op_id, o.seq, o.payload_hash
+           FROM unnest($2::uuid[]) AS k(op_id)
+           CROSS JOIN LATERAL (SELECT op_id, seq, payload_hash FROM sync_ext.op_log
+                                WHERE tenant_id = $1 AND op_id = k.op_id LIMIT 1) AS o",
         None,
         &[tenant.into(), op_ids.into()],
     )?;
@@ -108,7 +114,8 @@ pub fn load_rows(client: &SpiClient<'_>, tenant: &str, changes: &[Change]) -> Sy
     let table = plans::select(client, 
         "SELECT s.model, s.id, s.value, s.hlc, s.actor, s.op_id, s.deleted, s.deleted_hlc, s.field_stamps
            FROM (SELECT DISTINCT model, id FROM unnest($2::text[], $3::text[]) AS k(model, id)) AS k
-           JOIN sync_ext.snapshots AS s ON s.tenant_id = $1 AND s.model = k.model AND s.id = k.id",
+           CROSS JOIN LATERAL (SELECT * FROM sync_ext.snapshots
+                                WHERE tenant_id = $1 AND model = k.model AND id = k.id LIMIT 1) AS s",
         None,
         &[tenant.into(), models.into(), pks.into()],
     )?;
