@@ -39,7 +39,7 @@ fn capture<'a>(trigger: &'a PgTrigger<'a>) -> Result<Option<PgHeapTuple<'a, Allo
 /// and `ALTER EXTENSION sync_ext UPDATE` it says what to do, as the other functions do.
 #[pg_extern(sql = false)]
 fn capture_rows(_table: pg_sys::Oid, _old_rows: Option<AnyArray>, _new_rows: Option<AnyArray>) -> Result<(), ErrorReport> {
-    as_engine(|_| Spi::connect(|client| crate::auth::require_current_schema(client)))?;
+    as_engine(|_| Spi::connect(crate::auth::require_current_schema))?;
     // Only an older schema declares this function, so the check above has failed.
     Err(SyncError::NotInstalled.into())
 }
