@@ -53,6 +53,7 @@ fn capture_statement(trigger: &PgTrigger<'_>) -> SyncResult<()> {
         Spi::connect_mut(|client| {
             // SAFETY: makes this trigger's transition tables visible to the statements of this connection.
             unsafe { pg_sys::SPI_register_trigger_data(data) };
+            crate::auth::require_current_schema(client)?;
             let Some(model) = Model::load_for_table(client, trigger.relid().expect("a trigger has a table"))? else { return Ok(()) };
             let (old, new) = (relation_rows(client, &model, old.as_deref())?, relation_rows(client, &model, new.as_deref())?);
             log_rows(client, &model, old, new)

@@ -73,7 +73,7 @@ pub fn as_engine<T>(work: impl FnOnce(&Engine) -> SyncResult<T>) -> SyncResult<T
 
 /// The owner of `sync_ext.tenants`: the role that created the extension (a superuser, as the extension
 /// requires), read from the catalog caches.
-fn sync_tables_owner() -> SyncResult<pg_sys::Oid> {
+pub fn sync_tables_owner() -> SyncResult<pg_sys::Oid> {
     // SAFETY: catalog cache lookups by name and oid; the tuple is released before returning.
     unsafe {
         let schema = pg_sys::get_namespace_oid(c"sync_ext".as_ptr(), true);

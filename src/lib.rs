@@ -17,6 +17,7 @@ mod errors;
 mod identity;
 mod jsonb;
 mod models;
+mod notifier;
 mod plans;
 mod pull;
 mod push;
@@ -37,7 +38,12 @@ pgrx::extension_sql_file!(
     name = "upgrade_0_2_0",
     requires = [compact::sync_compact, push::sync_push_msgpack, pull::sync_pull_msgpack]
 );
-pgrx::extension_sql_file!("../sql/sync_ext--0.2.0--0.3.0.sql", name = "upgrade_0_3_0", finalize);
+pgrx::extension_sql_file!(
+    "../sql/sync_ext--0.2.0--0.3.0.sql",
+    name = "upgrade_0_3_0",
+    requires = ["upgrade_0_2_0", settings::sync_configure, pull::sync_ext::tenant_digest, auth::sync_ext::may_access, models::sync_register_model, models::sync_unregister_model]
+);
+pgrx::extension_sql_file!("../sql/sync_ext--0.3.0--0.4.0.sql", name = "upgrade_0_4_0", finalize);
 
 /// Values of `sync_ext.number_mode`.
 #[derive(PostgresGucEnum, Clone, Copy, PartialEq, Eq, Debug)]

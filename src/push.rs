@@ -16,6 +16,7 @@ use crate::errors::{SyncError, SyncResult};
 use crate::identity::as_engine;
 use crate::jsonb::{Body, ByteaBody, JsonbBody, JsonbDatum};
 use crate::models::{self, Model, PendingWrites, RowWrite};
+use crate::notifier;
 use crate::storage::{self, TenantState};
 
 /// Applies a batch of changes for `tenant` and returns one result per change plus the tenant's cursor.
@@ -159,7 +160,7 @@ fn store(client: &mut SpiClient<'_>, tenant: &str, state: &TenantState, changes:
         return Ok(());
     }
     let newest = outcome.appended.iter().map(|entry| changes[entry.index].hlc).max();
-    storage::write_batch(client, tenant, changes, outcome, state.last_hlc.max(newest), merged.digest)?;
+    storage::write_batch(client, tenant, changes, outcome, state.last_hlc.max(newest), merged.digest, notifier::route()?)?;
     Ok(())
 }
 

@@ -11,6 +11,7 @@ use sync_ext_protocol::{Change, Hlc, LoggedOp, RowKey, RowState, Stamp, StoredRo
 
 use crate::errors::{SyncError, SyncResult};
 use crate::jsonb::JsonbObject;
+use crate::notifier::Route;
 use crate::plans;
 
 fn pg_uuid(id: &uuid::Uuid) -> pgrx::Uuid {
@@ -154,11 +155,12 @@ fn object_column(value: Option<JsonB>) -> Option<Map<String, Value>> {
 }
 
 /// Writes a batch's outcome in one statement: appends the applied changes to the log, saves the new
-/// states of the rows they changed, advances the tenant's counters and notifies listeners.
+/// states of the rows they changed, advances the tenant's counters and notifies listeners (itself or
+/// through the notifier, as `route` says).
 ///
 /// Every changed row's new state belongs to the last change that altered it, so both travel in one
 /// array row; a state whose value is exactly what that change logged is sent once.
-pub fn write_batch(client: &mut SpiClient<'_>, tenant: &str, changes: &[Change], outcome: &BatchOutcome, last_hlc: Option<Hlc>, digest: u64) -> SyncResult<()> {
+pub fn write_batch(client: &mut SpiClient<'_>, tenant: &str, changes: &[Change], outcome: &BatchOutcome, last_hlc: Option<Hlc>, digest: u64, route: Route) -> SyncResult<()> {
     let final_states: HashMap<i64, &TouchedRow> = outcome.rows.values().map(|touched| (touched.seq, touched)).collect();
     let count = outcome.appended.len();
     let mut log = LogColumns::with_capacity(count);
@@ -169,7 +171,7 @@ pub fn write_batch(client: &mut SpiClient<'_>, tenant: &str, changes: &[Change],
     }
     let LogColumns { seqs, op_ids, models, pks, ops, actors, hlcs, payloads, hashes } = log;
     let RowColumns { saved, values, hlcs: row_hlcs, actors: row_actors, op_ids: row_op_ids, deleted, deleted_hlcs, field_stamps } = rows;
-    let args: [DatumWithOid; 21] = [
+    let args: [DatumWithOid; 22] = [
         tenant.into(),
         seqs.into(),
         op_ids.into(),
@@ -191,6 +193,7 @@ pub fn write_batch(client: &mut SpiClient<'_>, tenant: &str, changes: &[Change],
         outcome.last_seq.into(),
         last_hlc.map(|hlc| hlc.to_string()).into(),
         (digest as i64).into(),
+        route.notifies_itself().into(),
     ];
     plans::update(client, WRITE_BATCH, None, &args)?;
     Ok(())
@@ -217,8 +220,9 @@ saved AS (
            deleted = excluded.deleted, deleted_hlc = excluded.deleted_hlc, field_stamps = excluded.field_stamps,
            seq = excluded.seq),
 advanced AS (
-    UPDATE sync_ext.tenants SET last_seq = $19, last_hlc = $20, last_push_at = now(), digest = $21 WHERE tenant_id = $1)
-SELECT pg_notify('sync_ext', $1)";
+    UPDATE sync_ext.tenants SET last_seq = $19, last_hlc = $20, last_push_at = now(), digest = $21 WHERE tenant_id = $1),
+woken AS (INSERT INTO sync_ext.wakeups (tenant_id) SELECT $1 WHERE NOT $22)
+SELECT pg_notify('sync_ext', $1) WHERE $22";
 
 /// The op log columns of a batch, as arrays.
 struct LogColumns<'a> {

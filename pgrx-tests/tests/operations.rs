@@ -164,7 +164,12 @@ fn upgrading_from_0_2_0_keeps_data_and_behaviour() {
     upgrade_keeps_data_and_behaviour("0.2.0");
 }
 
-/// A bound table and a tenant's sync state as versions 0.1.0 and 0.2.0 left them: two rows inserted by
+#[test]
+fn upgrading_from_0_3_0_keeps_data_and_behaviour() {
+    upgrade_keeps_data_and_behaviour("0.3.0");
+}
+
+/// A bound table and a tenant's sync state as versions 0.1.0 to 0.3.0 left them: two rows inserted by
 /// plain SQL and one of them updated (seqs 1 to 3).
 const OLD_VERSION_DATA: &str = r#"
     CREATE TABLE todos (id int PRIMARY KEY, tenant_id text NOT NULL, title text, due timestamptz);
@@ -212,8 +217,19 @@ fn upgrade_keeps_data_and_behaviour(from: &str) {
         assert_eq!(outdated.code().code(), "55000", "{sql}");
         assert!(outdated.message().ends_with("run ALTER EXTENSION sync_ext UPDATE"), "{}", outdated.message());
     }
-    // Limits set as parameters before 0.3.0 become operator settings.
-    old.batch_execute("ALTER DATABASE old SET sync_ext.max_clock_skew = '2h'").unwrap();
+    if from < "0.3.0" {
+        // Limits set as parameters before 0.3.0 become operator settings.
+        old.batch_execute("ALTER DATABASE old SET sync_ext.max_clock_skew = '2h'").unwrap();
+    } else {
+        // 0.3.0 kept settings and each tenant's digest itself: the digest of the rows above, as the
+        // current version computes it for the same rows.
+        cluster.create_database("reference");
+        let mut reference = cluster.connect("reference");
+        reference.batch_execute(OLD_VERSION_DATA).unwrap();
+        let digest: i64 = reference.query_one("SELECT sync_ext.tenant_digest('acme')", &[]).unwrap().get(0);
+        old.batch_execute("INSERT INTO sync_ext.settings VALUES ('max_clock_skew', '7200000')").unwrap();
+        old.execute("UPDATE sync_ext.tenants SET digest = $1 WHERE tenant_id = 'acme'", &[&digest]).unwrap();
+    }
     let mut old = cluster.connect("old");
     // The log without logged_at, which 0.2.0 added.
     let log = |client: &mut Client| -> String {
@@ -224,7 +240,8 @@ fn upgrade_keeps_data_and_behaviour(from: &str) {
 
     old.batch_execute("ALTER EXTENSION sync_ext UPDATE").unwrap();
     let version: String = old.query_one("SELECT extversion FROM pg_extension WHERE extname = 'sync_ext'", &[]).unwrap().get(0);
-    assert_eq!(version, "0.3.0");
+    let current: String = old.query_one("SELECT default_version FROM pg_available_extensions WHERE name = 'sync_ext'", &[]).unwrap().get(0);
+    assert_eq!(version, current);
     let carried: String = old.query_one("SELECT string_agg(name || '=' || value, ',') FROM sync_ext.settings", &[]).unwrap().get(0);
     assert_eq!(carried, "max_clock_skew=7200000");
     assert_eq!(log(&mut old), before, "every change is still there, unchanged");

@@ -1,0 +1,13 @@
+-- sync_ext 0.3.0 -> 0.4.0: performance under real load.
+--
+-- This file is also the last part of a fresh 0.4.0 install (after the 0.1.0 schema and the upgrades
+-- since), so fresh and upgraded databases cannot differ.
+
+-- Tenants whose new changes listeners have not heard of yet. A push adds its tenant here instead of
+-- sending NOTIFY in its own transaction (which would serialize commits across tenants); the database's
+-- notifier (a background worker) sends one NOTIFY per tenant for all of them and deletes them.
+-- Unlogged: a crash loses only wake-ups, which listeners' polls cover.
+CREATE UNLOGGED TABLE sync_ext.wakeups (tenant_id text NOT NULL);
+COMMENT ON TABLE sync_ext.wakeups IS
+    'Pending wake-ups of listeners, sent by the sync_ext notifier (a background worker) as NOTIFY sync_ext.';
+REVOKE ALL ON sync_ext.wakeups FROM PUBLIC;
