@@ -11,3 +11,8 @@ CREATE UNLOGGED TABLE sync_ext.wakeups (tenant_id text NOT NULL);
 COMMENT ON TABLE sync_ext.wakeups IS
     'Pending wake-ups of listeners, sent by the sync_ext notifier (a background worker) as NOTIFY sync_ext.';
 REVOKE ALL ON sync_ext.wakeups FROM PUBLIC;
+
+-- Backends keep model descriptions between pushes; a change of the registered models tells them to read
+-- them again (as changes of grants and settings do).
+CREATE TRIGGER access_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON sync_ext.models
+    FOR EACH STATEMENT EXECUTE FUNCTION sync_ext.access_changed();

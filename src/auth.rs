@@ -5,19 +5,17 @@
 //! claim, only while `request.jwt.claims` carries that claim equal to the tenant.
 //!
 //! The grants and the settings are read by the engine (see [`crate::identity`]) in one statement and
-//! kept for the backend's life: statement triggers on `sync_ext.grants` and `sync_ext.settings` send a
-//! relation cache invalidation when they change (at commit to other backends, at once to this one), and
-//! the cache is dropped when it arrives. Role membership itself is read from Postgres's caches each call.
+//! kept for the backend's life, until they change (see [`crate::kept`]). Role membership itself is read from Postgres's caches each call.
 
-use std::cell::{Cell, RefCell};
+use std::cell::RefCell;
 use std::collections::HashMap;
-use std::convert::Infallible;
 
 use pgrx::prelude::*;
 use serde_json::Value;
 
 use crate::errors::{SyncError, SyncResult};
 use crate::identity::{as_engine, Engine};
+use crate::kept;
 use crate::settings::Settings;
 
 /// Checks that the caller of the engine may access `tenant` and returns the settings in force.
@@ -56,16 +54,12 @@ const KEPT_TENANTS: usize = 10_000;
 
 thread_local! {
     static KEPT: RefCell<Kept> = RefCell::new(Kept::default());
-    /// Bumped by every invalidation of the grants or settings table (or of every relation).
-    static GENERATION: Cell<u64> = const { Cell::new(0) };
-    /// The oids of `sync_ext.grants` and `sync_ext.settings`, once known.
-    static WATCHED: Cell<[pg_sys::Oid; 2]> = const { Cell::new([pg_sys::InvalidOid; 2]) };
 }
 
 /// The settings and the roles granted `tenant`: kept ones while valid, else read in one statement (which
 /// also checks that the extension's SQL objects are those of this library).
 fn grants_and_settings(tenant: &str) -> SyncResult<(Settings, Vec<pg_sys::Oid>)> {
-    let generation = GENERATION.get();
+    let generation = kept::generation();
     let kept = KEPT.with_borrow(|kept| {
         let fresh = kept.generation == generation;
         Some((kept.settings.clone().filter(|_| fresh)?, kept.roles.get(tenant).filter(|_| fresh)?.clone()))
@@ -74,8 +68,9 @@ fn grants_and_settings(tenant: &str) -> SyncResult<(Settings, Vec<pg_sys::Oid>)>
         return Ok(kept);
     }
     // Watch the tables before reading them, so that a change committed while they are read is noticed.
-    watch_grants_and_settings();
-    let generation = GENERATION.get();
+    kept::watch_sync_table(c"grants");
+    kept::watch_sync_table(c"settings");
+    let generation = kept::generation();
     let (roles, names, values) = Spi::connect(|client| {
         // The version first: an older schema may lack the tables read next.
         require_current_schema(client)?;
@@ -97,7 +92,7 @@ fn grants_and_settings(tenant: &str) -> SyncResult<(Settings, Vec<pg_sys::Oid>)>
             *kept = Kept { generation, ..Kept::default() };
         }
         // Kept only if no invalidation arrived while reading.
-        if GENERATION.get() == generation {
+        if kept::generation() == generation {
             kept.settings = Some(settings.clone());
             kept.roles.insert(tenant.to_owned(), roles.clone());
         }
@@ -116,41 +111,6 @@ pub fn require_current_schema(client: &pgrx::spi::SpiClient<'_>) -> SyncResult<(
         Some(version) => Err(SyncError::OutdatedSchema { schema: version, library }),
         None => Err(SyncError::NotInstalled),
     }
-}
-
-/// Notes the oids of `sync_ext.grants` and `sync_ext.settings` (from the catalog caches), whose
-/// invalidations drop what is kept.
-fn watch_grants_and_settings() {
-    // SAFETY: catalog cache lookups by name.
-    let oid = |name: &std::ffi::CStr| unsafe {
-        let schema = pg_sys::get_namespace_oid(c"sync_ext".as_ptr(), true);
-        if schema == pg_sys::InvalidOid { pg_sys::InvalidOid } else { pg_sys::get_relname_relid(name.as_ptr(), schema) }
-    };
-    WATCHED.set([oid(c"grants"), oid(c"settings")]);
-}
-
-/// Registers [`forget_on_invalidation`] with the relation cache (once per backend, from `_PG_init`).
-pub fn register_invalidation_callback() {
-    // SAFETY: a callback with the signature Postgres expects, registered once per backend.
-    unsafe { pg_sys::CacheRegisterRelcacheCallback(Some(forget_on_invalidation), pg_sys::Datum::from(0)) };
-}
-
-/// Drops what is kept when the grants or settings table (or every relation) is invalidated. Runs inside
-/// Postgres's invalidation processing, so it only bumps a counter.
-#[pg_guard]
-unsafe extern "C-unwind" fn forget_on_invalidation(_argument: pg_sys::Datum, relation: pg_sys::Oid) {
-    if relation == pg_sys::InvalidOid || WATCHED.get().contains(&relation) {
-        GENERATION.set(GENERATION.get() + 1);
-    }
-}
-
-/// The trigger of `sync_ext.grants` and `sync_ext.settings`: tells every backend that what it kept of
-/// them is stale (a relation cache invalidation, sent at commit).
-#[pg_trigger(sql = false)]
-fn access_changed<'a>(trigger: &'a PgTrigger<'a>) -> Result<Option<PgHeapTuple<'a, AllocatedByPostgres>>, Infallible> {
-    // SAFETY: queues an invalidation of the trigger's own table.
-    unsafe { pg_sys::CacheInvalidateRelcacheByRelid(trigger.relid().expect("a trigger has a table")) };
-    Ok(None)
 }
 
 /// Whether the request's JWT (`request.jwt.claims`, as PostgREST sets it) has `claim` equal to `tenant`.

@@ -16,6 +16,7 @@ mod compact;
 mod errors;
 mod identity;
 mod jsonb;
+mod kept;
 mod models;
 mod notifier;
 mod plans;
@@ -91,7 +92,7 @@ pub extern "C-unwind" fn _PG_init() {
     );
     // The limits and the JWT rule are operator settings in sync_ext.settings (see settings.rs), not
     // parameters: nothing a session sets can replace them.
-    auth::register_invalidation_callback();
+    kept::register_invalidation_callback();
 }
 
 #[cfg(test)]

@@ -6,7 +6,7 @@
 //! portable value as text (a string as itself, anything else as its JSON), or for a composite key
 //! the JSON array of the columns' portable values.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, HashMap};
 
 use pgrx::datum::DatumWithOid;
@@ -53,6 +53,46 @@ pub struct Model {
 
 thread_local! {
     static APPLYING_PUSH: Cell<bool> = const { Cell::new(false) };
+    static KEPT_MODELS: RefCell<KeptModels> = RefCell::new(KeptModels::default());
+}
+
+/// Model descriptions kept between calls, by model name and by bound table (`None`: no model is
+/// registered under that name or for that table). Stale once `sync_ext.models` or a bound table changes
+/// (see [`crate::kept`]).
+#[derive(Default)]
+struct KeptModels {
+    generation: u64,
+    by_name: HashMap<String, Option<Model>>,
+    by_table: HashMap<pg_sys::Oid, Option<Model>>,
+}
+
+/// The most names and tables kept; past it the cache starts again.
+const KEPT_MODEL_ENTRIES: usize = 1_000;
+
+impl KeptModels {
+    /// The kept descriptions, if still current.
+    fn current(&self) -> Option<&Self> {
+        (self.generation == crate::kept::generation()).then_some(self)
+    }
+
+    /// Watches `sync_ext.models` before it is read; returns the generation to keep what is read under.
+    fn watch() -> u64 {
+        crate::kept::watch_sync_table(c"models");
+        crate::kept::generation()
+    }
+
+    /// Keeps what `fill` adds, unless an invalidation arrived since `generation` was taken.
+    fn keep(generation: u64, fill: impl FnOnce(&mut KeptModels)) {
+        if crate::kept::generation() != generation {
+            return;
+        }
+        KEPT_MODELS.with_borrow_mut(|kept| {
+            if kept.generation != generation || kept.by_name.len() + kept.by_table.len() >= KEPT_MODEL_ENTRIES {
+                *kept = KeptModels { generation, ..KeptModels::default() };
+            }
+            fill(kept);
+        });
+    }
 }
 
 /// Whether the engine itself is writing a registered table (its writes are not captured again).
@@ -165,14 +205,37 @@ impl Model {
         Ok(Model { name: name.to_owned(), table, table_name, row_type, fields, primary_key, tenant })
     }
 
-    /// The registered models among `names`, by name.
+    /// The registered models among `names`, by name (kept per backend, see [`KeptModels`]).
     pub fn load_named(client: &SpiClient<'_>, names: &[&str]) -> SyncResult<HashMap<String, Model>> {
-        Self::load(client, "model = ANY($1)", names.to_vec().into())
+        let kept = KEPT_MODELS.with_borrow(|kept| {
+            let found: Option<Vec<Option<Model>>> = names.iter().map(|name| kept.current()?.by_name.get(*name).cloned()).collect();
+            found.map(|models| models.into_iter().flatten().map(|model| (model.name.clone(), model)).collect())
+        });
+        if let Some(kept) = kept {
+            return Ok(kept);
+        }
+        let generation = KeptModels::watch();
+        let loaded = Self::load(client, "model = ANY($1)", names.to_vec().into())?;
+        KeptModels::keep(generation, |kept| {
+            for name in names {
+                kept.by_name.insert((*name).to_owned(), loaded.get(*name).cloned());
+            }
+        });
+        Ok(loaded)
     }
 
-    /// The model registered for a table, if any.
+    /// The model registered for a table, if any (kept per backend, see [`KeptModels`]).
     pub fn load_for_table(client: &SpiClient<'_>, table: pg_sys::Oid) -> SyncResult<Option<Model>> {
-        Ok(Self::load(client, "table_name = $1", table.into())?.into_values().next())
+        let kept = KEPT_MODELS.with_borrow(|kept| kept.current()?.by_table.get(&table).cloned());
+        if let Some(kept) = kept {
+            return Ok(kept);
+        }
+        let generation = KeptModels::watch();
+        let loaded = Self::load(client, "table_name = $1", table.into())?.into_values().next();
+        KeptModels::keep(generation, |kept| {
+            kept.by_table.insert(table, loaded.clone());
+        });
+        Ok(loaded)
     }
 
     fn load(client: &SpiClient<'_>, condition: &str, argument: DatumWithOid<'_>) -> SyncResult<HashMap<String, Model>> {
@@ -190,6 +253,7 @@ impl Model {
         registered
             .into_iter()
             .map(|(name, table, column, tenant)| {
+                crate::kept::watch(table); // an ALTER TABLE makes the description stale
                 let model = Self::describe(client, &name, table, column.as_deref(), tenant.as_deref())?;
                 Ok((name, model))
             })
@@ -398,7 +462,7 @@ impl Model {
             );
             let mut arguments = vec![self.records_argument(records)];
             arguments.push(tenant.into());
-            let mut written = client.update(&statement, None, &arguments).map_err(|error| refusal("invalid_value", error))?;
+            let mut written = crate::plans::update_as_session(client, &statement, &arguments).map_err(|error| refusal("invalid_value", error))?;
             let mut written_pks = Vec::with_capacity(written.len());
             while written.next().is_some() {
                 let mut key = Map::new();
@@ -423,7 +487,8 @@ impl Model {
             let matches =
                 key_names.iter().map(|key| format!("t.{0} OPERATOR(pg_catalog.=) r.{0}", quote_identifier(key))).collect::<Vec<_>>().join(" AND ");
             let statement = format!("DELETE FROM {} AS t USING pg_catalog.unnest($1) AS r WHERE {matches}{}", self.table, tenant_guard("t"));
-            client.update(&statement, None, &[self.records_argument(records), tenant.into()]).map_err(|error| refusal("invalid_value", error))?;
+            crate::plans::update_as_session(client, &statement, &[self.records_argument(records), tenant.into()])
+                .map_err(|error| refusal("invalid_value", error))?;
         }
         Ok(foreign)
     }

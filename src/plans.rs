@@ -20,6 +20,10 @@ thread_local! {
     static KEPT: RefCell<HashMap<String, Rc<OwnedPreparedStatement>>> = RefCell::new(HashMap::new());
 }
 
+/// The most statements kept. The engine's own are a fixed handful; bound-table writes add one per table
+/// and set of columns written, which clients choose, so past this many they are all planned again.
+const KEPT_STATEMENTS: usize = 1_000;
+
 /// The kept plan of `sql`, prepared on first use for the types of `args`.
 fn kept(client: &SpiClient<'_>, sql: &str, args: &[DatumWithOid<'_>]) -> SpiResult<Rc<OwnedPreparedStatement>> {
     if let Some(plan) = KEPT.with_borrow(|kept| kept.get(sql).cloned()) {
@@ -27,7 +31,12 @@ fn kept(client: &SpiClient<'_>, sql: &str, args: &[DatumWithOid<'_>]) -> SpiResu
     }
     let types: Vec<PgOid> = args.iter().map(|arg| PgOid::from(arg.oid())).collect();
     let plan = Rc::new(client.prepare(sql, &types)?.keep());
-    KEPT.with_borrow_mut(|kept| kept.insert(sql.to_owned(), plan.clone()));
+    KEPT.with_borrow_mut(|kept| {
+        if kept.len() >= KEPT_STATEMENTS {
+            kept.clear();
+        }
+        kept.insert(sql.to_owned(), plan.clone())
+    });
     Ok(plan)
 }
 
@@ -41,6 +50,13 @@ pub fn select<'conn>(client: &SpiClient<'conn>, sql: &str, limit: Option<i64>, a
 pub fn update<'conn>(client: &mut SpiClient<'conn>, sql: &str, limit: Option<i64>, args: &[DatumWithOid<'_>]) -> SpiResult<SpiTupleTable<'conn>> {
     let plan = kept(client, sql, args)?;
     with_generic_plans(|| client.update(&*plan, limit, args))
+}
+
+/// Runs a statement that writes an application's table through its kept plan, planned as the session
+/// plans (its `plan_cache_mode` also governs the table's triggers, which run inside).
+pub fn update_as_session<'conn>(client: &mut SpiClient<'conn>, sql: &str, args: &[DatumWithOid<'_>]) -> SpiResult<SpiTupleTable<'conn>> {
+    let plan = kept(client, sql, args)?;
+    client.update(&*plan, None, args)
 }
 
 /// Runs `execute` with `plan_cache_mode` forced to generic plans, restoring it afterwards (also when
