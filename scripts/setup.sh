@@ -6,7 +6,7 @@ set -euo pipefail
 
 PGRX_VERSION=0.18.0
 PG_CONFIG=${PG_CONFIG:-/usr/lib/postgresql/15/bin/pg_config}
-APT_PACKAGES=(postgresql-15 postgresql-server-dev-15 libclang-dev clang sudo)
+APT_PACKAGES=(postgresql-15 postgresql-server-dev-15 libclang-dev clang sudo pgbouncer)
 
 say() { printf '[setup] %s\n' "$*" >&2; }
 

@@ -4,12 +4,14 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Mutex;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 use sync_ext_protocol::{Change, RowState, StoredRow};
 use uuid::Uuid;
 
 use crate::error::{Error, Result};
+use crate::outbox::{PendingChange, Rejection};
 
 /// A row as the client keeps it: what the server confirmed (the merge of pulled changes), and what the
 /// app sees (that plus the changes still in the outbox).
@@ -32,8 +34,8 @@ struct StoredConfirmed {
 }
 
 fn decode_confirmed(text: &str) -> Result<RowState> {
-    let stored: StoredConfirmed = serde_json::from_str(text).map_err(|error| Error::Store(format!("a stored row does not decode: {error}")))?;
-    stored.confirmed.map(StoredRow::into_state).transpose().map_err(Error::Store).map(Option::unwrap_or_default)
+    let stored: StoredConfirmed = serde_json::from_str(text).map_err(|error| Error::store(format!("a stored row does not decode: {error}")))?;
+    stored.confirmed.map(StoredRow::into_state).transpose().map_err(Error::store).map(Option::unwrap_or_default)
 }
 
 impl LocalRow {
@@ -43,8 +45,8 @@ impl LocalRow {
     }
 
     fn decode(text: &str) -> Result<Self> {
-        let stored: StoredLocalRow = serde_json::from_str(text).map_err(|error| Error::Store(format!("a stored row does not decode: {error}")))?;
-        let state = |row: Option<StoredRow>| row.map(StoredRow::into_state).transpose().map_err(Error::Store).map(Option::unwrap_or_default);
+        let stored: StoredLocalRow = serde_json::from_str(text).map_err(|error| Error::store(format!("a stored row does not decode: {error}")))?;
+        let state = |row: Option<StoredRow>| row.map(StoredRow::into_state).transpose().map_err(Error::store).map(Option::unwrap_or_default);
         Ok(LocalRow { confirmed: state(stored.confirmed)?, local: state(stored.local)? })
     }
 }
@@ -62,9 +64,23 @@ pub trait Transaction {
     /// (the rows are streamed, not collected; their local state is not decoded).
     fn for_each_confirmed(&mut self, visit: &mut dyn FnMut(&str, &str, &RowState) -> Result<()>) -> Result<()>;
     /// The oldest `limit` unsent changes, oldest first.
-    fn outbox(&mut self, limit: usize) -> Result<Vec<Change>>;
+    fn outbox(&mut self, limit: usize) -> Result<Vec<PendingChange>>;
+    /// How many changes are unsent.
+    fn outbox_len(&mut self) -> Result<usize>;
+    /// Appends a change to the outbox.
     fn enqueue(&mut self, change: &Change) -> Result<()>;
-    fn dequeue(&mut self, op_id: Uuid) -> Result<()>;
+    /// Removes a change from the outbox; whether it was there.
+    fn dequeue(&mut self, op_id: Uuid) -> Result<bool>;
+    /// Counts a failed attempt to push an unsent change, and keeps the error.
+    fn note_failure(&mut self, op_id: Uuid, error: &str) -> Result<()>;
+    /// Records a change the server refused, with its reason; returns the record with its id.
+    fn record_rejection(&mut self, change: &Change, reason: &str, at: SystemTime) -> Result<Rejection>;
+    /// The recorded rejections, oldest first.
+    fn rejections(&mut self) -> Result<Vec<Rejection>>;
+    /// Removes a recorded rejection and returns it, if it was there.
+    fn remove_rejection(&mut self, id: i64) -> Result<Option<Rejection>>;
+    /// Forgets everything: rows, outbox, rejections and metadata.
+    fn clear_all(&mut self) -> Result<()>;
     fn meta(&mut self, key: &str) -> Result<Option<String>>;
     fn set_meta(&mut self, key: &str, value: &str) -> Result<()>;
     fn delete_meta(&mut self, key: &str) -> Result<()>;
@@ -81,8 +97,22 @@ enum Backend {
 #[derive(Clone, Default)]
 struct MemoryState {
     rows: BTreeMap<(String, String), LocalRow>,
-    outbox: Vec<Change>,
+    outbox: Vec<PendingChange>,
+    rejections: Vec<Rejection>,
+    /// The id of the last rejection recorded (ids are never reused).
+    last_rejection: i64,
     meta: BTreeMap<String, String>,
+}
+
+/// The version of the SQLite schema this code writes (`PRAGMA user_version`).
+const SCHEMA_VERSION: i64 = 1;
+
+fn to_millis(at: SystemTime) -> i64 {
+    at.duration_since(UNIX_EPOCH).map_or(0, |since| i64::try_from(since.as_millis()).unwrap_or(i64::MAX))
+}
+
+fn from_millis(millis: i64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_millis(u64::try_from(millis).unwrap_or(0))
 }
 
 impl LocalStore {
@@ -96,6 +126,20 @@ impl LocalStore {
              CREATE TABLE IF NOT EXISTS outbox (position INTEGER PRIMARY KEY AUTOINCREMENT, op_id TEXT NOT NULL UNIQUE, change TEXT NOT NULL);
              CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);",
         )?;
+        let version: i64 = connection.query_row("PRAGMA user_version", [], |row| row.get(0))?;
+        if version < 1 {
+            // Version 1: outbox bookkeeping, and the rejections the app has not drained yet.
+            connection.execute_batch(
+                "BEGIN;
+                 ALTER TABLE outbox ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0;
+                 ALTER TABLE outbox ADD COLUMN last_error TEXT;
+                 CREATE TABLE rejections (id INTEGER PRIMARY KEY AUTOINCREMENT, change TEXT NOT NULL, reason TEXT NOT NULL, rejected_at INTEGER NOT NULL);
+                 PRAGMA user_version = 1;
+                 COMMIT;",
+            )?;
+        } else if version > SCHEMA_VERSION {
+            return Err(Error::store(format!("the local store is at schema version {version}, newer than this client ({SCHEMA_VERSION})")));
+        }
         Ok(LocalStore(Backend::Sqlite(Mutex::new(connection))))
     }
 
@@ -108,7 +152,7 @@ impl LocalStore {
     pub fn transaction<T>(&self, body: impl FnOnce(&mut dyn Transaction) -> Result<T>) -> Result<T> {
         match &self.0 {
             Backend::Sqlite(connection) => {
-                let mut connection = connection.lock().map_err(|_| Error::Store("a previous transaction panicked".into()))?;
+                let mut connection = connection.lock().map_err(|_| Error::store("a previous transaction panicked"))?;
                 let transaction = connection.transaction()?;
                 let mut wrapped = SqliteTransaction(transaction);
                 let value = body(&mut wrapped)?;
@@ -116,7 +160,7 @@ impl LocalStore {
                 Ok(value)
             }
             Backend::Memory(state) => {
-                let mut state = state.lock().map_err(|_| Error::Store("a previous transaction panicked".into()))?;
+                let mut state = state.lock().map_err(|_| Error::store("a previous transaction panicked"))?;
                 let mut draft = state.clone();
                 let value = body(&mut draft)?;
                 *state = draft;
@@ -129,7 +173,16 @@ impl LocalStore {
 struct SqliteTransaction<'c>(rusqlite::Transaction<'c>);
 
 fn decode_change(text: &str) -> Result<Change> {
-    serde_json::from_str(text).map_err(|error| Error::Store(format!("an outbox change does not decode: {error}")))
+    serde_json::from_str(text).map_err(|error| Error::store(format!("a stored change does not decode: {error}")))
+}
+
+fn encode_change(change: &Change) -> String {
+    serde_json::to_string(change).expect("changes serialize")
+}
+
+/// A rejection from its columns: id, change, reason, rejected_at.
+fn read_rejection(row: &rusqlite::Row<'_>) -> Result<Rejection> {
+    Ok(Rejection { id: row.get(0)?, change: decode_change(&row.get::<_, String>(1)?)?, reason: row.get(2)?, rejected_at: from_millis(row.get(3)?) })
 }
 
 impl Transaction for SqliteTransaction<'_> {
@@ -174,20 +227,60 @@ impl Transaction for SqliteTransaction<'_> {
         Ok(())
     }
 
-    fn outbox(&mut self, limit: usize) -> Result<Vec<Change>> {
-        let mut statement = self.0.prepare_cached("SELECT change FROM outbox ORDER BY position LIMIT ?1")?;
-        let changes = statement.query_map([limit as i64], |row| row.get::<_, String>(0))?;
-        changes.map(|text| decode_change(&text?)).collect()
+    fn outbox(&mut self, limit: usize) -> Result<Vec<PendingChange>> {
+        let mut statement = self.0.prepare_cached("SELECT change, attempts, last_error FROM outbox ORDER BY position LIMIT ?1")?;
+        let mut rows = statement.query([i64::try_from(limit).unwrap_or(i64::MAX)])?;
+        let mut pending = Vec::new();
+        while let Some(row) = rows.next()? {
+            pending.push(PendingChange { change: decode_change(&row.get::<_, String>(0)?)?, attempts: row.get(1)?, last_error: row.get(2)? });
+        }
+        Ok(pending)
+    }
+
+    fn outbox_len(&mut self) -> Result<usize> {
+        let count: i64 = self.0.prepare_cached("SELECT count(*) FROM outbox")?.query_row([], |row| row.get(0))?;
+        Ok(usize::try_from(count).unwrap_or(0))
     }
 
     fn enqueue(&mut self, change: &Change) -> Result<()> {
-        let text = serde_json::to_string(change).expect("changes serialize");
-        self.0.prepare_cached("INSERT INTO outbox (op_id, change) VALUES (?1, ?2)")?.execute((change.op_id.to_string(), text))?;
+        self.0.prepare_cached("INSERT INTO outbox (op_id, change) VALUES (?1, ?2)")?.execute((change.op_id.to_string(), encode_change(change)))?;
         Ok(())
     }
 
-    fn dequeue(&mut self, op_id: Uuid) -> Result<()> {
-        self.0.prepare_cached("DELETE FROM outbox WHERE op_id = ?1")?.execute([op_id.to_string()])?;
+    fn dequeue(&mut self, op_id: Uuid) -> Result<bool> {
+        Ok(self.0.prepare_cached("DELETE FROM outbox WHERE op_id = ?1")?.execute([op_id.to_string()])? > 0)
+    }
+
+    fn note_failure(&mut self, op_id: Uuid, error: &str) -> Result<()> {
+        self.0.prepare_cached("UPDATE outbox SET attempts = attempts + 1, last_error = ?2 WHERE op_id = ?1")?.execute((op_id.to_string(), error))?;
+        Ok(())
+    }
+
+    fn record_rejection(&mut self, change: &Change, reason: &str, at: SystemTime) -> Result<Rejection> {
+        self.0
+            .prepare_cached("INSERT INTO rejections (change, reason, rejected_at) VALUES (?1, ?2, ?3)")?
+            .execute((encode_change(change), reason, to_millis(at)))?;
+        Ok(Rejection { id: self.0.last_insert_rowid(), change: change.clone(), reason: reason.to_owned(), rejected_at: from_millis(to_millis(at)) })
+    }
+
+    fn rejections(&mut self) -> Result<Vec<Rejection>> {
+        let mut statement = self.0.prepare_cached("SELECT id, change, reason, rejected_at FROM rejections ORDER BY id")?;
+        let mut rows = statement.query([])?;
+        let mut rejections = Vec::new();
+        while let Some(row) = rows.next()? {
+            rejections.push(read_rejection(row)?);
+        }
+        Ok(rejections)
+    }
+
+    fn remove_rejection(&mut self, id: i64) -> Result<Option<Rejection>> {
+        let mut statement = self.0.prepare_cached("DELETE FROM rejections WHERE id = ?1 RETURNING id, change, reason, rejected_at")?;
+        let mut rows = statement.query([id])?;
+        rows.next()?.map(read_rejection).transpose()
+    }
+
+    fn clear_all(&mut self) -> Result<()> {
+        self.0.execute_batch("DELETE FROM rows; DELETE FROM outbox; DELETE FROM rejections; DELETE FROM meta;")?;
         Ok(())
     }
 
@@ -233,17 +326,51 @@ impl Transaction for MemoryState {
         self.rows.iter().try_for_each(|((model, pk), row)| visit(model, pk, &row.confirmed))
     }
 
-    fn outbox(&mut self, limit: usize) -> Result<Vec<Change>> {
+    fn outbox(&mut self, limit: usize) -> Result<Vec<PendingChange>> {
         Ok(self.outbox.iter().take(limit).cloned().collect())
     }
 
+    fn outbox_len(&mut self) -> Result<usize> {
+        Ok(self.outbox.len())
+    }
+
     fn enqueue(&mut self, change: &Change) -> Result<()> {
-        self.outbox.push(change.clone());
+        self.outbox.push(PendingChange { change: change.clone(), attempts: 0, last_error: None });
         Ok(())
     }
 
-    fn dequeue(&mut self, op_id: Uuid) -> Result<()> {
-        self.outbox.retain(|change| change.op_id != op_id);
+    fn dequeue(&mut self, op_id: Uuid) -> Result<bool> {
+        let before = self.outbox.len();
+        self.outbox.retain(|pending| pending.change.op_id != op_id);
+        Ok(self.outbox.len() < before)
+    }
+
+    fn note_failure(&mut self, op_id: Uuid, error: &str) -> Result<()> {
+        for pending in self.outbox.iter_mut().filter(|pending| pending.change.op_id == op_id) {
+            pending.attempts += 1;
+            pending.last_error = Some(error.to_owned());
+        }
+        Ok(())
+    }
+
+    fn record_rejection(&mut self, change: &Change, reason: &str, at: SystemTime) -> Result<Rejection> {
+        self.last_rejection += 1;
+        let rejection = Rejection { id: self.last_rejection, change: change.clone(), reason: reason.to_owned(), rejected_at: from_millis(to_millis(at)) };
+        self.rejections.push(rejection.clone());
+        Ok(rejection)
+    }
+
+    fn rejections(&mut self) -> Result<Vec<Rejection>> {
+        Ok(self.rejections.clone())
+    }
+
+    fn remove_rejection(&mut self, id: i64) -> Result<Option<Rejection>> {
+        let found = self.rejections.iter().position(|rejection| rejection.id == id);
+        Ok(found.map(|index| self.rejections.remove(index)))
+    }
+
+    fn clear_all(&mut self) -> Result<()> {
+        *self = MemoryState { last_rejection: self.last_rejection, ..MemoryState::default() };
         Ok(())
     }
 

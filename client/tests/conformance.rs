@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 
 use serde_json::{Map, Value};
 use sync_ext_client::protocol::{Change, PullResponse, PushResponse};
-use sync_ext_client::{Error, LocalStore, Remote, Result, SyncClient};
+use sync_ext_client::{Error, LocalStore, Remote, RemoteFuture, Result, SyncClient};
 
 /// Fewer case files than this means the folder is missing or emptied: the run fails.
 const MIN_CASES: usize = 25;
@@ -42,23 +42,28 @@ struct Script {
 struct ScriptedRemote(Arc<Mutex<Script>>);
 
 impl Remote for ScriptedRemote {
-    async fn push(&self, _tenant: &str, changes: &[Change]) -> Result<PushResponse> {
-        Err(Error::Remote(format!("the conformance client makes no local writes, yet it pushed {} changes", changes.len())))
+    fn push<'a>(&'a self, _tenant: &'a str, changes: &'a [Change]) -> RemoteFuture<'a, PushResponse> {
+        let error = Error::Protocol(format!("the conformance client makes no local writes, yet it pushed {} changes", changes.len()));
+        Box::pin(async move { Err(error) })
     }
 
-    async fn pull(&self, _tenant: &str, since: i64, _max_changes: i32) -> Result<PullResponse> {
+    fn pull<'a>(&'a self, _tenant: &'a str, since: i64, _max_changes: i32) -> RemoteFuture<'a, PullResponse> {
+        Box::pin(async move { self.next_page(since) })
+    }
+}
+
+impl ScriptedRemote {
+    fn next_page(&self, since: i64) -> Result<PullResponse> {
         let mut script = self.0.lock().expect("the script lock");
         if since != script.cursor {
             let problem = format!("the client pulled since {since}, not from the cursor {} of the page it was last given", script.cursor);
             script.problems.push(problem);
         }
-        let page = script.pages.pop_front().ok_or_else(|| Error::Remote("the client pulled beyond the case's pull responses".into()))?;
+        let page = script.pages.pop_front().ok_or_else(|| Error::Protocol("the client pulled beyond the case's pull responses".into()))?;
         script.cursor = page.cursor;
         Ok(page)
     }
-}
 
-impl ScriptedRemote {
     fn queued(&self) -> usize {
         self.0.lock().expect("the script lock").pages.len()
     }

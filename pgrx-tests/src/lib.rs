@@ -19,6 +19,8 @@ pub struct Cluster {
     dir: TempDir,
     port: u16,
     bin: PathBuf,
+    /// Whether the server flushes commits to disk (see [`Cluster::start_durable`]).
+    durable: bool,
 }
 
 fn running_as_root() -> bool {
@@ -73,6 +75,19 @@ impl Cluster {
 
     /// Like [`Cluster::start`], with extra `postgresql.conf` lines (`"shared_buffers = '1GB'"`).
     pub fn start_with(settings: &[&str]) -> Cluster {
+        Cluster::initialize_and_start(settings, false)
+    }
+
+    /// Like [`Cluster::start_with`], but durable: every other cluster runs with `fsync=off` (on the
+    /// server's command line, which overrides `postgresql.conf`), this one keeps Postgres's default
+    /// `fsync=on`, so commits wait for the disk. For measurements where that matters (concurrent
+    /// pushes, group commit).
+    pub fn start_durable(settings: &[&str]) -> Cluster {
+        Cluster::initialize_and_start(settings, true)
+    }
+
+    /// Runs initdb with `settings` appended to `postgresql.conf` and starts the server.
+    fn initialize_and_start(settings: &[&str], durable: bool) -> Cluster {
         let dir = server_dir("sync_ext-cluster-");
         let bin = pg_bin_dir();
         let data = dir.path().join("data");
@@ -81,7 +96,7 @@ impl Cluster {
             let mut conf = std::fs::OpenOptions::new().append(true).open(data.join("postgresql.conf")).expect("postgresql.conf");
             std::io::Write::write_all(&mut conf, format!("\n{}\n", settings.join("\n")).as_bytes()).expect("writing postgresql.conf");
         }
-        let cluster = Cluster { port: free_port(), dir, bin };
+        let cluster = Cluster { port: free_port(), dir, bin, durable };
         cluster.pg_ctl(&["start", "-w", "-t", "60", "-l", cluster.log_path().to_str().unwrap()]);
         cluster
     }
@@ -91,7 +106,7 @@ impl Cluster {
         let dir = server_dir("sync_ext-standby-");
         let data = dir.path().join("data");
         self.run_tool("pg_basebackup", &["-D", data.to_str().unwrap(), "-R", "-X", "stream", "--no-sync", "--checkpoint=fast"]);
-        let standby = Cluster { port: free_port(), dir, bin: self.bin.clone() };
+        let standby = Cluster { port: free_port(), dir, bin: self.bin.clone(), durable: false };
         standby.pg_ctl(&["start", "-w", "-t", "60", "-l", standby.log_path().to_str().unwrap()]);
         standby
     }
@@ -103,9 +118,10 @@ impl Cluster {
     fn pg_ctl(&self, action: &[&str]) {
         let data = self.dir.path().join("data");
         let options = format!(
-            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=50",
+            "-p {} -k {} -c listen_addresses=127.0.0.1{} -c max_connections=50",
             self.port,
-            self.dir.path().display()
+            self.dir.path().display(),
+            if self.durable { "" } else { " -c fsync=off" }
         );
         let mut args = vec!["-D", data.to_str().unwrap(), "-o", &options];
         args.extend_from_slice(action);
@@ -221,4 +237,100 @@ pub fn pull_all(client: &mut Client, tenant: &str, since: i64, page: i32) -> Res
         all.digest = next.digest;
     }
     Ok(all)
+}
+
+/// A cluster whose processes are stopped (SIGSTOP), as a server that hangs without closing its
+/// connections: they accept TCP connections and answer nothing. Resumed (SIGCONT) on drop.
+pub struct Paused {
+    pids: Vec<String>,
+}
+
+impl Cluster {
+    /// The port the cluster listens on (127.0.0.1).
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Stops the postmaster and every backend with SIGSTOP until the returned guard is dropped.
+    pub fn pause(&self) -> Paused {
+        let pid_file = std::fs::read_to_string(self.dir.path().join("data").join("postmaster.pid")).expect("postmaster.pid");
+        let postmaster = pid_file.lines().next().expect("the postmaster's pid").trim().to_owned();
+        let children = Command::new("pgrep").args(["-P", &postmaster]).output().expect("pgrep");
+        let mut pids = vec![postmaster];
+        pids.extend(String::from_utf8_lossy(&children.stdout).split_whitespace().map(str::to_owned));
+        signal("STOP", &pids);
+        Paused { pids }
+    }
+
+    /// Starts a PgBouncer in transaction mode in front of this cluster, on a free loopback port.
+    pub fn start_pgbouncer(&self) -> PgBouncer {
+        let dir = server_dir("sync_ext-pgbouncer-");
+        let port = free_port();
+        let ini = dir.path().join("pgbouncer.ini");
+        let users = dir.path().join("users.txt");
+        std::fs::write(&users, "\"postgres\" \"\"\n").expect("writing users.txt");
+        std::fs::write(
+            &ini,
+            format!(
+                "[databases]\n* = host=127.0.0.1 port={}\n\n[pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir =\n\
+                 auth_type = trust\nauth_file = {}\npool_mode = transaction\nmax_client_conn = 500\ndefault_pool_size = 5\n\
+                 ignore_startup_parameters = extra_float_digits,options\nlogfile = {}\n",
+                self.port,
+                users.display(),
+                dir.path().join("pgbouncer.log").display()
+            ),
+        )
+        .expect("writing pgbouncer.ini");
+        let program = ["/usr/sbin/pgbouncer", "/usr/bin/pgbouncer"].into_iter().map(PathBuf::from).find(|path| path.exists()).expect("pgbouncer is installed (scripts/setup.sh)");
+        // PgBouncer refuses to run as root; started as root, it switches to the server's OS user itself.
+        let mut command = Command::new(&program);
+        if running_as_root() {
+            command.args(["-u", "postgres"]);
+        }
+        let child = command.arg(&ini).spawn().expect("starting pgbouncer");
+        let bouncer = PgBouncer { child, port, dir };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(std::time::Instant::now() < deadline, "pgbouncer did not listen within 30 s: {}", bouncer.log());
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        bouncer
+    }
+}
+
+fn signal(name: &str, pids: &[String]) {
+    let status = Command::new("kill").arg(format!("-{name}")).args(pids).status().expect("kill");
+    assert!(status.success(), "kill -{name} {pids:?}");
+}
+
+impl Drop for Paused {
+    fn drop(&mut self) {
+        signal("CONT", &self.pids);
+    }
+}
+
+/// A PgBouncer process in transaction mode in front of a [`Cluster`], stopped on drop.
+pub struct PgBouncer {
+    child: std::process::Child,
+    port: u16,
+    dir: TempDir,
+}
+
+impl PgBouncer {
+    /// A libpq-style connection string for database `db` through the pooler.
+    pub fn connection_string(&self, db: &str) -> String {
+        format!("host=127.0.0.1 port={} user=postgres dbname={db}", self.port)
+    }
+
+    /// PgBouncer's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("pgbouncer.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for PgBouncer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

@@ -10,7 +10,7 @@ use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
 use serde_json::{json, Map, Value};
 use sync_ext_client::protocol::{Change, Op, PullResponse, PushResponse};
-use sync_ext_client::{Error, LiveOptions, LocalStore, PgRemote, Remote, SyncClient};
+use sync_ext_client::{Error, LiveOptions, LocalStore, PgRemote, Remote, RemoteFuture, SyncClient};
 use sync_ext_pgrx_tests::Cluster;
 
 type Row = Map<String, Value>;
@@ -101,16 +101,18 @@ struct LosesNextAck {
 }
 
 impl Remote for LosesNextAck {
-    async fn push(&self, tenant: &str, changes: &[Change]) -> sync_ext_client::Result<PushResponse> {
-        let response = self.inner.push(tenant, changes).await?;
-        if self.lose.swap(false, Ordering::SeqCst) {
-            return Err(Error::Remote("connection reset before the acknowledgement".into()));
-        }
-        Ok(response)
+    fn push<'a>(&'a self, tenant: &'a str, changes: &'a [Change]) -> RemoteFuture<'a, PushResponse> {
+        Box::pin(async move {
+            let response = self.inner.push(tenant, changes).await?;
+            if self.lose.swap(false, Ordering::SeqCst) {
+                return Err(Error::connection("connection reset before the acknowledgement", None));
+            }
+            Ok(response)
+        })
     }
 
-    async fn pull(&self, tenant: &str, since: i64, max_changes: i32) -> sync_ext_client::Result<PullResponse> {
-        self.inner.pull(tenant, since, max_changes).await
+    fn pull<'a>(&'a self, tenant: &'a str, since: i64, max_changes: i32) -> RemoteFuture<'a, PullResponse> {
+        self.inner.pull(tenant, since, max_changes)
     }
 }
 
@@ -122,7 +124,7 @@ async fn a_sync_interrupted_between_push_and_ack_loses_and_doubles_nothing() {
     for n in 0..5 {
         phone.insert("todo", &n.to_string(), &json!({"n": n})).unwrap();
     }
-    assert!(matches!(phone.sync().await, Err(Error::Remote(_))));
+    assert!(matches!(phone.sync().await, Err(Error::Connection { .. })));
     assert_eq!(phone.pending().unwrap(), 5, "unacknowledged changes stay in the outbox");
     let report = phone.sync().await.unwrap();
     assert_eq!((report.pushed, report.rejected.len(), phone.pending().unwrap()), (5, 0, 0));
@@ -176,7 +178,8 @@ async fn an_unreachable_server_leaves_local_writes_intact_until_it_is_back() {
     {
         let offline = client("acme", "phone", LocalStore::sqlite(&path).unwrap(), PgRemote::new("host=127.0.0.1 port=1 user=postgres connect_timeout=2"));
         offline.insert("todo", "1", &json!({"title": "written offline"})).unwrap();
-        assert!(matches!(offline.sync().await, Err(Error::Remote(_))));
+        let error = offline.sync().await.unwrap_err();
+        assert!(matches!(error, Error::Connection { .. }) && error.is_transient(), "{error}");
         assert_eq!(offline.pending().unwrap(), 1);
         assert_eq!(rows(&offline, "todo")["1"]["title"], "written offline");
     }
@@ -186,7 +189,7 @@ async fn an_unreachable_server_leaves_local_writes_intact_until_it_is_back() {
     assert_eq!(reopened.pending().unwrap(), 0);
     assert_eq!(server_rows(&cluster, "acme", "todo")["1"]["title"], "written offline");
     let other_tenant = SyncClient::builder().tenant("globex").actor("phone").local(LocalStore::sqlite(&path).unwrap()).remote(PgRemote::new(&url)).build();
-    assert!(matches!(other_tenant, Err(Error::Store(_))), "a store is bound to its tenant");
+    assert!(matches!(other_tenant, Err(Error::Store { .. })), "a store is bound to its tenant");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -348,17 +351,19 @@ struct DuringRepair {
 }
 
 impl Remote for DuringRepair {
-    async fn push(&self, tenant: &str, changes: &[Change]) -> sync_ext_client::Result<PushResponse> {
-        self.inner.push(tenant, changes).await
+    fn push<'a>(&'a self, tenant: &'a str, changes: &'a [Change]) -> RemoteFuture<'a, PushResponse> {
+        self.inner.push(tenant, changes)
     }
 
-    async fn pull(&self, tenant: &str, since: i64, max_changes: i32) -> sync_ext_client::Result<PullResponse> {
-        let page = self.inner.pull(tenant, since, max_changes).await?;
-        let hook = if since == i64::MAX { self.hook.lock().unwrap().take() } else { None };
-        if let Some(hook) = hook {
-            hook();
-        }
-        Ok(page)
+    fn pull<'a>(&'a self, tenant: &'a str, since: i64, max_changes: i32) -> RemoteFuture<'a, PullResponse> {
+        Box::pin(async move {
+            let page = self.inner.pull(tenant, since, max_changes).await?;
+            let hook = if since == i64::MAX { self.hook.lock().unwrap().take() } else { None };
+            if let Some(hook) = hook {
+                hook();
+            }
+            Ok(page)
+        })
     }
 }
 

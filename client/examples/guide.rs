@@ -1,0 +1,77 @@
+//! The guide of the README's "The client crate" section, compiled by `cargo test` (a test checks that
+//! every Rust block of that section is in this file). Run it against a database with sync_ext:
+//! `cargo run -p sync_ext_client --example guide -- "host=127.0.0.1 user=postgres dbname=app"`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use sync_ext_client::{LiveOptions, LiveState, LocalStore, PgRemote, Result, SyncClient, Wakeups};
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Todo {
+    title: String,
+    done: bool,
+}
+
+async fn guide(url: &str, direct_url: &str) -> Result<()> {
+    let client = SyncClient::builder()
+        .tenant("acme")
+        .actor("device-a")
+        .local(LocalStore::sqlite(std::env::temp_dir().join("sync_ext_guide.db"))?)
+        .remote(PgRemote::new(url).connect_timeout(Duration::from_secs(10)).statement_timeout(Duration::from_secs(30)))
+        .sync_timeout(Duration::from_secs(300))
+        .on_rejected(|rejected| eprintln!("refused: {} {}: {}", rejected.change.model, rejected.change.pk, rejected.reason))
+        .build()?;
+
+    client.insert("todo", "42", &Todo { title: "buy milk".into(), done: false })?; // offline is fine
+    client.update("todo", "42", &json!({"done": true}))?;
+    let todo: Option<Todo> = client.get("todo", "42")?;
+    println!("{todo:?}");
+
+    match client.sync().await {
+        Ok(report) => println!("pushed {}, pulled {}, refused {}", report.pushed, report.pulled, report.rejected.len()),
+        Err(error) if error.is_transient() => println!("offline or busy, the next sync retries: {error}"),
+        Err(error) => eprintln!("needs a person: {error} (SQLSTATE {:?})", error.sqlstate()),
+    }
+
+    for rejected in client.take_rejections()? {
+        // Shown to the user once: the row is already back to the server's version.
+        println!("not saved: {} {} ({})", rejected.change.model, rejected.change.pk, rejected.code());
+    }
+
+    for pending in client.outbox()? {
+        if pending.attempts > 10 {
+            println!("stuck: {:?} ({:?}); discarding it", pending.change.op_id, pending.last_error);
+            client.discard(pending.change.op_id)?;
+        }
+    }
+
+    let mut status = client.status();
+    let mut changes = client.subscribe();
+    let client = Arc::new(client);
+    let live = client.clone().live(LiveOptions { listen_url: Some(direct_url.into()), ..Default::default() });
+    tokio::select! {
+        Ok(()) = status.changed() => {
+            let now = status.borrow().clone();
+            println!("{:?}, {} pending, last synced {:?}, error {:?}", now.activity, now.pending, now.last_synced_at, now.last_error);
+            if let LiveState::Running { wakeups: Wakeups::Unavailable { reason }, .. } = &now.live {
+                println!("no live wake-ups ({reason}): syncing every 30 s");
+            }
+        }
+        Ok(changed) = changes.recv() => {
+            if changed.touches("todo") {
+                println!("re-render the todo list: {:?}", client.list::<Todo>("todo")?);
+            }
+        }
+    }
+    live.stop().await;
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    let url = std::env::args().nth(1).unwrap_or_else(|| "host=127.0.0.1 user=postgres dbname=app".into());
+    let direct_url = std::env::args().nth(2).unwrap_or_else(|| url.clone());
+    tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("a runtime").block_on(guide(&url, &direct_url))
+}
