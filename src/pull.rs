@@ -23,7 +23,7 @@ use crate::errors::{SyncError, SyncResult};
 use crate::jsonb::JsonbDatum;
 
 /// The page of a pull, built in one statement (so the mode, the horizon and the rows come from one
-/// snapshot). It reads at most one row more than the page may hold, to tell whether more follow, and
+/// snapshot), its body built once (each jsonb operation on the page walks all of it). It reads at most one row more than the page may hold, to tell whether more follow, and
 /// keeps the rows that fit both limits: at most `$3` changes and at most `$4` bytes (of jsonb; the
 /// first change always, however large it is).
 const PULL_PAGE: &str = "
@@ -68,11 +68,14 @@ answer AS (
                 WHEN page.fetched > page.kept THEN -page.last_kept
                 ELSE mode.last_seq END AS cursor
       FROM mode, page)
-SELECT jsonb_build_object('changes', changes, 'cursor', cursor, 'has_more', has_more)
-       || CASE WHEN reset THEN '{\"reset\": true}'::jsonb ELSE '{}'::jsonb END
-       || CASE WHEN NOT has_more AND cursor = last_seq
-               THEN jsonb_build_object('digest', lpad(to_hex(digest), 16, '0')) ELSE '{}'::jsonb END
-  FROM answer";
+SELECT CASE WHEN reset AND ends THEN jsonb_build_object('changes', changes, 'cursor', cursor, 'has_more', has_more,
+                                                      'reset', true, 'digest', digest)
+            WHEN reset THEN jsonb_build_object('changes', changes, 'cursor', cursor, 'has_more', has_more, 'reset', true)
+            WHEN ends THEN jsonb_build_object('changes', changes, 'cursor', cursor, 'has_more', has_more, 'digest', digest)
+            ELSE jsonb_build_object('changes', changes, 'cursor', cursor, 'has_more', has_more) END
+  FROM (SELECT changes, cursor, has_more, reset, NOT has_more AND cursor = last_seq AS ends,
+               lpad(to_hex(digest), 16, '0') AS digest
+          FROM answer) AS body";
 
 /// Returns `{"changes":[...],"cursor":N,"has_more":bool}` (plus `"reset":true` when the cursor cannot be
 /// continued from the log, and on the page that ends at the tenant's last seq the `"digest"` of its
