@@ -17,6 +17,7 @@
 //! - a push that leaves its wake-up to the notifier holds [`HANDOVER_LOCK`] shared until it ends; a
 //!   notifier about to exit takes it exclusively (so waits for those pushes), sweeps a last time and
 //!   only then releases [`NOTIFIER_LOCK`]. A push that cannot take the shared lock notifies itself.
+//!
 //! So no committed wake-up is left behind by an exiting notifier. One left by a notifier that was
 //! terminated is sent by the next one, which the next push starts.
 

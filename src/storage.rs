@@ -304,12 +304,12 @@ impl RowColumns {
             self.field_stamps.push(None);
             return;
         };
-        self.values.push((payload != Some(&stored.value)).then(|| JsonB(Value::Object(stored.value))));
+        self.values.push((payload != Some(&stored.value)).then_some(JsonB(Value::Object(stored.value))));
         self.hlcs.push(Some(stored.stamp.hlc.to_string()));
         self.actors.push(Some(stored.stamp.actor));
         self.op_ids.push(Some(pg_uuid(&stored.stamp.op_id)));
         self.deleted.push(Some(stored.deleted));
         self.deleted_hlcs.push(stored.deleted_hlc.map(|hlc| hlc.to_string()));
-        self.field_stamps.push((!stored.field_stamps.is_empty()).then(|| JsonB(Value::Object(stored.field_stamps))));
+        self.field_stamps.push((!stored.field_stamps.is_empty()).then_some(JsonB(Value::Object(stored.field_stamps))));
     }
 }
