@@ -7,12 +7,31 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use sync_ext_client::{LiveOptions, LiveState, LocalStore, PgRemote, Result, SyncClient, Wakeups};
+use sync_ext_client::{Cmp, LiveOptions, LiveState, LocalStore, Model, PgRemote, Query, Result, SyncClient, Wakeups};
 
 #[derive(Debug, Serialize, Deserialize)]
 struct Todo {
     title: String,
     done: bool,
+}
+
+/// A row of a table with a composite primary key (org, sku), bound as model `item`.
+#[derive(Debug, Serialize, Deserialize)]
+struct Item {
+    org: i32,
+    sku: String,
+    qty: Option<i32>,
+    tags: Option<Vec<String>>, // a NULL text[] is null: Option, not Vec
+}
+
+impl Model for Item {
+    const NAME: &'static str = "item";
+    const VERSION: u32 = 1;
+    type Key = (i32, String);
+    type Patch = serde_json::Value;
+    fn key(&self) -> (i32, String) {
+        (self.org, self.sku.clone())
+    }
 }
 
 async fn guide(url: &str, direct_url: &str) -> Result<()> {
@@ -29,6 +48,18 @@ async fn guide(url: &str, direct_url: &str) -> Result<()> {
     client.update("todo", "42", &json!({"done": true}))?;
     let todo: Option<Todo> = client.get("todo", "42")?;
     println!("{todo:?}");
+
+    let items = client.collection::<Item>()?;
+    items.insert(&Item { org: 1, sku: "A-1".into(), qty: Some(3), tags: None })?; // pk [1,"A-1"], as the server writes it
+    items.update(&(1, "A-1".into()), &json!({"qty": 5}))?;
+    let low = items.query(&Query::new().filter("qty", Cmp::Lt, 10).order_by("sku").limit(50))?;
+    for (pk, error) in &low.failed {
+        eprintln!("{pk} does not decode: {error}"); // reported, never fatal to a list
+    }
+    client.transaction(|tx| {
+        tx.delete::<Item>(&(1, "A-1".into()))?;
+        tx.insert(&Item { org: 1, sku: "A-2".into(), qty: Some(5), tags: None })
+    })?;
 
     match client.sync().await {
         Ok(report) => println!("pushed {}, pulled {}, refused {}", report.pushed, report.pulled, report.rejected.len()),
@@ -51,6 +82,8 @@ async fn guide(url: &str, direct_url: &str) -> Result<()> {
     let mut status = client.status();
     let mut changes = client.subscribe();
     let client = Arc::new(client);
+    let shown = client.run_blocking(|client| Ok(client.collection::<Item>()?.list()?.rows)).await?;
+    println!("{} items", shown.len());
     let live = client.clone().live(LiveOptions { listen_url: Some(direct_url.into()), ..Default::default() });
     tokio::select! {
         Ok(()) = status.changed() => {

@@ -75,6 +75,13 @@ pub enum Error {
     /// next sync checks, and repairs, again.
     #[error("the local replica still differs from the server after a repair: digest {local}, the server's {server}")]
     DigestMismatch { server: String, local: String },
+    /// A local query the store cannot run (see [`crate::Query`]).
+    #[error("invalid query: {0}")]
+    InvalidQuery(String),
+    /// The local store was last opened by a newer version of a model than this code's
+    /// ([`crate::Model::VERSION`]): this app is older than the data it would write.
+    #[error("model {model}: the local store holds version {stored}, newer than this code's {this}")]
+    ModelVersion { model: String, stored: u32, this: u32 },
     /// No pending change or rejection has this id.
     #[error("{0} is not there")]
     NotFound(String),

@@ -9,7 +9,9 @@ use uuid::Uuid;
 
 use crate::error::{Error, Result};
 use crate::status::Origin;
-use crate::{restore_rows, Remote, SyncClient};
+use crate::client::META_TENANT;
+use crate::sync::restore_rows;
+use crate::{Remote, SyncClient};
 
 /// The reason given to a change that the server refused as a whole call (SQLSTATE 22xxx invalid
 /// input, 54000 too large) when sent alone: `refused: <SQLSTATE>: <the server's message>`.
@@ -111,7 +113,7 @@ impl<R: Remote> SyncClient<R> {
     pub fn clear(&self) -> Result<()> {
         self.write(|t, clock| {
             t.clear_all()?;
-            t.set_meta(crate::META_TENANT, &self.tenant)?;
+            t.set_meta(META_TENANT, &self.tenant)?;
             *clock = Default::default();
             Ok(((), Vec::new()))
         })?;

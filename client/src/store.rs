@@ -7,11 +7,13 @@ use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
+use serde_json::Map;
 use sync_ext_protocol::{Change, RowState, StoredRow};
 use uuid::Uuid;
 
 use crate::error::{Error, Result};
 use crate::outbox::{PendingChange, Rejection};
+use crate::query::Query;
 
 /// A row as the client keeps it: what the server confirmed (the merge of pulled changes), and what the
 /// app sees (that plus the changes still in the outbox).
@@ -60,6 +62,9 @@ pub trait Transaction {
     fn clear_rows(&mut self) -> Result<()>;
     /// Every row of a model, by pk.
     fn rows(&mut self, model: &str) -> Result<BTreeMap<String, LocalRow>>;
+    /// The rows of a model whose local state is visible and passes the query's filters, in its order,
+    /// at most its limit (a valid query: see [`Query`]).
+    fn query(&mut self, model: &str, query: &Query) -> Result<Vec<(String, LocalRow)>>;
     /// Visits the confirmed state of every row of every model, one at a time, in no particular order
     /// (the rows are streamed, not collected; their local state is not decoded).
     fn for_each_confirmed(&mut self, visit: &mut dyn FnMut(&str, &str, &RowState) -> Result<()>) -> Result<()>;
@@ -180,6 +185,48 @@ fn encode_change(change: &Change) -> String {
     serde_json::to_string(change).expect("changes serialize")
 }
 
+/// The SQL of a field of the row the app sees (a query field: letters, digits and `_`).
+fn field_sql(field: &str) -> String {
+    format!("json_extract(state, '$.local.value.{field}')")
+}
+
+/// The SQL of a query over the rows of `model`, and its parameters.
+fn query_sql(model: &str, query: &Query) -> (String, Vec<rusqlite::types::Value>) {
+    let mut sql = "SELECT pk, state FROM rows WHERE model = ?1 AND json_extract(state, '$.local.deleted') = 0".to_owned();
+    let mut values = vec![rusqlite::types::Value::Text(model.to_owned())];
+    for (field, cmp, value) in &query.filters {
+        match value {
+            serde_json::Value::Null => sql.push_str(&format!(" AND {} IS NULL", field_sql(field))),
+            _ => {
+                values.push(sql_value(value));
+                sql.push_str(&format!(" AND {} {} ?{}", field_sql(field), cmp.sql(), values.len()));
+            }
+        }
+    }
+    match &query.order {
+        Some((field, descending)) => {
+            let direction = if *descending { "DESC" } else { "ASC" };
+            sql.push_str(&format!(" ORDER BY {} {direction}, pk {direction}", field_sql(field)));
+        }
+        None => sql.push_str(" ORDER BY pk"),
+    }
+    if let Some(limit) = query.limit {
+        sql.push_str(&format!(" LIMIT {}", i64::try_from(limit).unwrap_or(i64::MAX)));
+    }
+    (sql, values)
+}
+
+/// A JSON scalar as the SQL value `json_extract` returns for it.
+fn sql_value(value: &serde_json::Value) -> rusqlite::types::Value {
+    use rusqlite::types::Value as Sql;
+    match value {
+        serde_json::Value::Bool(flag) => Sql::Integer(i64::from(*flag)),
+        serde_json::Value::Number(number) => number.as_i64().map_or_else(|| Sql::Real(number.as_f64().unwrap_or(f64::NAN)), Sql::Integer),
+        serde_json::Value::String(text) => Sql::Text(text.clone()),
+        other => Sql::Text(other.to_string()),
+    }
+}
+
 /// A rejection from its columns: id, change, reason, rejected_at.
 fn read_rejection(row: &rusqlite::Row<'_>) -> Result<Rejection> {
     Ok(Rejection { id: row.get(0)?, change: decode_change(&row.get::<_, String>(1)?)?, reason: row.get(2)?, rejected_at: from_millis(row.get(3)?) })
@@ -210,6 +257,22 @@ impl Transaction for SqliteTransaction<'_> {
     fn rows(&mut self, model: &str) -> Result<BTreeMap<String, LocalRow>> {
         let mut statement = self.0.prepare_cached("SELECT pk, state FROM rows WHERE model = ?1")?;
         let rows = statement.query_map([model], |row| Ok((row.get::<_, String>(0)?, row.get::<_, String>(1)?)))?;
+        rows.map(|row| {
+            let (pk, state) = row?;
+            Ok((pk, LocalRow::decode(&state)?))
+        })
+        .collect()
+    }
+
+    fn query(&mut self, model: &str, query: &Query) -> Result<Vec<(String, LocalRow)>> {
+        let fields = query.filters.iter().map(|(field, _, _)| field).chain(query.order.iter().map(|(field, _)| field));
+        for field in fields {
+            // The expression of the index and of the query must be the same text for SQLite to use it.
+            self.0.execute(&format!("CREATE INDEX IF NOT EXISTS rows_by_{field} ON rows (model, {}, pk)", field_sql(field)), [])?;
+        }
+        let (sql, values) = query_sql(model, query);
+        let mut statement = self.0.prepare_cached(&sql)?;
+        let rows = statement.query_map(rusqlite::params_from_iter(values), |row| Ok((row.get::<_, String>(0)?, row.get::<_, String>(1)?)))?;
         rows.map(|row| {
             let (pk, state) = row?;
             Ok((pk, LocalRow::decode(&state)?))
@@ -322,6 +385,17 @@ impl Transaction for MemoryState {
         Ok(self.rows.iter().filter(|((m, _), _)| m == model).map(|((_, pk), row)| (pk.clone(), row.clone())).collect())
     }
 
+    fn query(&mut self, model: &str, query: &Query) -> Result<Vec<(String, LocalRow)>> {
+        let mut found: Vec<(String, LocalRow, Map<String, serde_json::Value>)> = self
+            .rows
+            .iter()
+            .filter(|((m, _), _)| m == model)
+            .filter_map(|((_, pk), row)| row.local.visible().filter(|fields| query.matches(fields)).map(|fields| (pk.clone(), row.clone(), fields)))
+            .collect();
+        found.sort_by(|(left_pk, _, left), (right_pk, _, right)| query.compare((left_pk, left), (right_pk, right)));
+        Ok(found.into_iter().take(query.limit.unwrap_or(usize::MAX)).map(|(pk, row, _)| (pk, row)).collect())
+    }
+
     fn for_each_confirmed(&mut self, visit: &mut dyn FnMut(&str, &str, &RowState) -> Result<()>) -> Result<()> {
         self.rows.iter().try_for_each(|((model, pk), row)| visit(model, pk, &row.confirmed))
     }
@@ -386,5 +460,38 @@ impl Transaction for MemoryState {
     fn delete_meta(&mut self, key: &str) -> Result<()> {
         self.meta.remove(key);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::query::Cmp;
+
+    /// What SQLite plans for a query, after the store created its indexes.
+    fn plan(query: &Query) -> String {
+        let path = std::env::temp_dir().join(format!("sync_ext_client_plan_{}.db", Uuid::new_v4()));
+        let store = LocalStore::sqlite(&path).unwrap();
+        store.transaction(|t| t.query("todo", query).map(drop)).unwrap();
+        let Backend::Sqlite(connection) = &store.0 else { unreachable!("a SQLite store") };
+        let connection = connection.lock().unwrap();
+        let (sql, values) = query_sql("todo", query);
+        let mut statement = connection.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
+        let steps: Vec<String> = statement.query_map(rusqlite::params_from_iter(values), |row| row.get::<_, String>(3)).unwrap().map(|step| step.unwrap()).collect();
+        drop(statement);
+        drop(connection);
+        drop(store);
+        std::fs::remove_file(&path).ok();
+        steps.join("; ")
+    }
+
+    #[test]
+    fn a_filter_and_an_order_are_served_by_an_expression_index_created_on_demand() {
+        let filtered = plan(&Query::new().filter("done", Cmp::Eq, false));
+        assert!(filtered.contains("USING INDEX rows_by_done (model=? AND <expr>=?)"), "{filtered}");
+        let ordered = plan(&Query::new().order_by("due"));
+        assert!(ordered.contains("USING INDEX rows_by_due (model=?)") && !ordered.contains("TEMP B-TREE"), "read in index order: {ordered}");
+        let ranged = plan(&Query::new().filter("due", Cmp::Gt, "2026").order_by_desc("due").limit(5));
+        assert!(ranged.contains("USING INDEX rows_by_due (model=? AND <expr>>?)") && !ranged.contains("TEMP B-TREE"), "{ranged}");
     }
 }

@@ -1,0 +1,641 @@
+//! Unit tests of the client against a server in memory.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use serde_json::{json, Map, Value};
+use sync_ext_protocol::digest::{digest_of, to_wire};
+use sync_ext_protocol::hlc::wall_clock_millis;
+use sync_ext_protocol::wire::{ChangeResult, PullResponse, PulledChange, PushResponse, REASON_CLOCK_SKEW};
+use sync_ext_protocol::{Change, Op, RowState, Status, StoredRow};
+use uuid::Uuid;
+
+use crate::digest::{confirmed_digest, parse_digest};
+use crate::sync::read_cursor;
+use crate::*;
+
+type Hook = Box<dyn FnOnce() + Send>;
+
+/// A server in memory: a log, the merged rows, and pages as `sync_pull` serves them (a reset for a
+/// negative cursor or, on the primary, one beyond the log), with the digest of the visible rows on
+/// the page that ends at the last seq.
+#[derive(Default)]
+struct Server {
+    log: Vec<PulledChange>,
+    rows: BTreeMap<(String, String), (i64, RowState)>,
+    /// Whether pages carry digests (servers before digests send none).
+    digests: bool,
+    /// Added to every digest sent: a server no replica can match.
+    skew: u64,
+    /// Every pull: its `since`, and whether a standby answered it.
+    pulls: Vec<(i64, bool)>,
+    /// Run once when a pull asks for a cursor beyond the log (a repair), as the app writing meanwhile.
+    on_repair: Option<Hook>,
+    /// Pushes fail with this SQLSTATE.
+    fail_pushes: Option<&'static str>,
+    /// Pulls fail with this SQLSTATE.
+    fail_pulls: Option<&'static str>,
+    /// Pulls never answer.
+    hang_pulls: bool,
+    /// Changes stamped more than 5 minutes past the system clock are rejected `clock_skew`, and the
+    /// remote tells the server time.
+    server_clock: bool,
+}
+
+/// Whether a change writes a field of this name.
+fn writes(change: &Change, field: &str) -> bool {
+    change.value.as_ref().is_some_and(|value| value.contains_key(field))
+}
+
+impl Server {
+    fn last_seq(&self) -> i64 {
+        self.log.len() as i64
+    }
+
+    fn digest(&self) -> u64 {
+        let visible: Vec<_> = self.rows.iter().filter_map(|((model, pk), (_, row))| row.visible().map(|value| (model, pk, value))).collect();
+        digest_of(visible.iter().map(|(model, pk, value)| (model.as_str(), pk.as_str(), value)))
+    }
+
+    fn visible(&self, model: &str) -> BTreeMap<String, Map<String, Value>> {
+        self.rows.iter().filter(|((m, _), _)| m == model).filter_map(|((_, pk), (_, row))| row.visible().map(|value| (pk.clone(), value))).collect()
+    }
+
+    /// A push as sync_push answers it; a change writing `forbidden` is rejected, one writing `poison`
+    /// makes the whole call fail with 22023.
+    fn push(&mut self, changes: &[Change]) -> Result<PushResponse> {
+        if let Some(code) = self.fail_pushes {
+            return Err(Error::server(code, "the push failed", None));
+        }
+        if let Some(at) = changes.iter().position(|change| writes(change, "poison")) {
+            return Err(Error::server("22023", format!("changes[{at}].value.poison: not accepted"), None));
+        }
+        let mut results = Vec::new();
+        for change in changes {
+            let refusal = if writes(change, "forbidden") {
+                Some("permission_denied: may not write forbidden".to_owned())
+            } else if self.server_clock && change.hlc.millis() > wall_clock_millis() + 300_000 {
+                Some(REASON_CLOCK_SKEW.to_owned())
+            } else {
+                None
+            };
+            if let Some(reason) = refusal {
+                results.push(ChangeResult { op_id: change.op_id, status: Status::Rejected { reason } });
+                continue;
+            }
+            let seq = self.last_seq() + 1;
+            let (row_seq, row) = self.rows.entry((change.model.clone(), change.pk.clone())).or_default();
+            let won = row.apply(change);
+            let status = if won.anything() {
+                *row_seq = seq;
+                let value = (change.op != Op::Delete).then_some(won.fields);
+                let Change { op_id, model, pk, op, hlc, actor, .. } = change.clone();
+                self.log.push(PulledChange { seq, op_id, model, pk, op, hlc, actor, value, field_stamps: None, deleted_hlc: None });
+                Status::Applied { seq }
+            } else {
+                Status::Superseded
+            };
+            results.push(ChangeResult { op_id: change.op_id, status });
+        }
+        Ok(PushResponse { cursor: self.last_seq(), results, limits: None })
+    }
+
+    fn pull(&mut self, since: i64, max: i32, standby: bool) -> PullResponse {
+        self.pulls.push((since, standby));
+        let (last, max) = (self.last_seq(), max as usize);
+        if standby && since > last {
+            return PullResponse { changes: Vec::new(), cursor: since, has_more: false, reset: false, digest: None };
+        }
+        let reset = since < 0 || since > last;
+        let (changes, has_more) = if reset {
+            let after = if since < 0 { -since } else { 0 };
+            let mut rows: Vec<_> = self.rows.iter().filter(|(_, (seq, _))| *seq > after).collect();
+            rows.sort_by_key(|(_, (seq, _))| *seq);
+            let has_more = rows.len() > max;
+            let changes = rows
+                .into_iter()
+                .take(max)
+                .map(|((model, pk), (seq, row))| {
+                    let stored = StoredRow::from_state(row).expect("a written row");
+                    PulledChange {
+                        seq: *seq,
+                        op_id: stored.stamp.op_id,
+                        model: model.clone(),
+                        pk: pk.clone(),
+                        op: if stored.deleted { Op::Delete } else { Op::Insert },
+                        hlc: stored.stamp.hlc,
+                        actor: stored.stamp.actor,
+                        value: (!stored.deleted).then_some(stored.value),
+                        field_stamps: Some(stored.field_stamps),
+                        deleted_hlc: stored.deleted_hlc,
+                    }
+                })
+                .collect();
+            (changes, has_more)
+        } else {
+            let after: Vec<_> = self.log.iter().filter(|change| change.seq > since).cloned().collect();
+            (after.iter().take(max).cloned().collect::<Vec<_>>(), after.len() > max)
+        };
+        let last_kept = changes.last().map(|change: &PulledChange| change.seq);
+        let cursor = match (reset, has_more) {
+            (false, _) => last_kept.unwrap_or(since),
+            (true, true) => -last_kept.expect("a page with more after it"),
+            (true, false) => last,
+        };
+        let digest = (!has_more && self.digests).then(|| to_wire(self.digest().wrapping_add(self.skew)));
+        PullResponse { changes, cursor, has_more, reset, digest }
+    }
+}
+
+/// A connection to the [`Server`]: to its primary, or to a hot standby that has replayed it all.
+#[derive(Clone)]
+struct Fake {
+    server: Arc<Mutex<Server>>,
+    standby: bool,
+}
+
+impl Remote for Fake {
+    fn push<'a>(&'a self, _tenant: &'a str, changes: &'a [Change]) -> RemoteFuture<'a, PushResponse> {
+        assert!(!self.standby, "pushes go to the primary");
+        let response = self.server.lock().unwrap().push(changes);
+        Box::pin(async move { response })
+    }
+
+    fn pull<'a>(&'a self, _tenant: &'a str, since: i64, max_changes: i32) -> RemoteFuture<'a, PullResponse> {
+        let (page, hook) = {
+            let mut server = self.server.lock().unwrap();
+            if server.hang_pulls {
+                server.pulls.push((since, self.standby));
+                return Box::pin(std::future::pending());
+            }
+            if let Some(code) = server.fail_pulls {
+                server.pulls.push((since, self.standby));
+                return Box::pin(async move { Err(Error::server(code, "the pull failed", None)) });
+            }
+            let hook = if since > server.last_seq() { server.on_repair.take() } else { None };
+            (server.pull(since, max_changes, self.standby), hook)
+        };
+        if let Some(hook) = hook {
+            hook();
+        }
+        Box::pin(async move { Ok(page) })
+    }
+
+    fn server_time(&self) -> RemoteFuture<'_, Option<i64>> {
+        let now = self.server.lock().unwrap().server_clock.then(wall_clock_millis);
+        Box::pin(async move { Ok(now) })
+    }
+}
+
+fn server(digests: bool) -> Arc<Mutex<Server>> {
+    Arc::new(Mutex::new(Server { digests, ..Server::default() }))
+}
+
+fn primary(server: &Arc<Mutex<Server>>) -> Fake {
+    Fake { server: server.clone(), standby: false }
+}
+
+fn client<R: Remote>(actor: &str, store: LocalStore, remote: R) -> SyncClient<R> {
+    SyncClientBuilder::<R>::new().tenant("acme").actor(actor).local(store).remote(remote).pull_page(2).build().unwrap()
+}
+
+fn object(value: Value) -> Map<String, Value> {
+    value.as_object().cloned().unwrap()
+}
+
+fn rows<R: Remote>(client: &SyncClient<R>) -> BTreeMap<String, Map<String, Value>> {
+    client.list::<Map<String, Value>>("todo").unwrap().into_iter().collect()
+}
+
+fn temp_db() -> std::path::PathBuf {
+    std::env::temp_dir().join(format!("sync_ext_client_digest_{}.db", Uuid::new_v4()))
+}
+
+/// Alters the stored rows behind the client's back, as a damaged or hand-edited file would: the
+/// title of row 1 changes (in both halves), row 2 is lost, row 9 appears.
+fn corrupt<R: Remote>(client: &SyncClient<R>) {
+    client
+        .store
+        .transaction(|t| {
+            let mut row = t.row("todo", "1")?;
+            for state in [&mut row.confirmed, &mut row.local] {
+                state.fields.get_mut("title").expect("row 1 has a title").value = json!("corrupted");
+            }
+            t.put_row("todo", "1", &row)?;
+            t.put_row("todo", "2", &LocalRow::default())?;
+            let mut phantom = RowState::default();
+            phantom.apply(&Change {
+                op_id: Uuid::new_v4(),
+                model: "todo".into(),
+                pk: "9".into(),
+                op: Op::Insert,
+                hlc: "2026-01-01T00:00:00.000Z-0000".parse().unwrap(),
+                actor: "nobody".into(),
+                value: Some(object(json!({"title": "phantom"}))),
+            });
+            t.put_row("todo", "9", &LocalRow { confirmed: phantom.clone(), local: phantom })
+        })
+        .unwrap();
+}
+
+async fn seed<R: Remote>(client: &SyncClient<R>) {
+    for n in 1..=5 {
+        client.insert("todo", &n.to_string(), &json!({"title": format!("row {n}"), "n": n})).unwrap();
+    }
+    client.update("todo", "1", &json!({"done": true})).unwrap();
+    client.delete("todo", "4").unwrap();
+    client.sync().await.unwrap();
+}
+
+#[tokio::test]
+async fn the_client_digest_is_the_protocol_digest_of_its_confirmed_rows() {
+    let path = temp_db();
+    for store in [LocalStore::memory(), LocalStore::sqlite(&path).unwrap()] {
+        let server = server(true);
+        let device = client("device", store, primary(&server));
+        seed(&device).await;
+        device.update("todo", "3", &json!({"title": "unsent"})).unwrap();
+        device.insert("todo", "6", &json!({"title": "unsent too"})).unwrap();
+        device.delete("todo", "5").unwrap();
+
+        let confirmed: Vec<(String, Map<String, Value>)> = device
+            .store
+            .transaction(|t| Ok(t.rows("todo")?.into_iter().filter_map(|(pk, row)| row.confirmed.visible().map(|value| (pk, value))).collect()))
+            .unwrap();
+        let expected = digest_of(confirmed.iter().map(|(pk, value)| ("todo", pk.as_str(), value)));
+        let computed = device.store.transaction(confirmed_digest).unwrap();
+        assert_eq!(computed, expected, "the client's digest is digest_of over its confirmed visible rows");
+        assert_eq!(computed, server.lock().unwrap().digest(), "and the server's digest of the same rows");
+        assert_eq!(confirmed.len(), 4, "the deleted row counts nothing");
+        let local: Vec<(String, Map<String, Value>)> = rows(&device).into_iter().collect();
+        assert_ne!(computed, digest_of(local.iter().map(|(pk, value)| ("todo", pk.as_str(), value))), "unsent changes are left out");
+    }
+    std::fs::remove_file(&path).ok();
+}
+
+#[tokio::test]
+async fn a_replica_altered_behind_the_client_is_repaired_by_a_reset_that_keeps_unsent_changes() {
+    let path = temp_db();
+    let server = server(true);
+    let device = Arc::new(client("device", LocalStore::sqlite(&path).unwrap(), primary(&server)));
+    seed(&*device).await;
+    let other = client("other", LocalStore::memory(), primary(&server));
+    other.sync().await.unwrap();
+
+    corrupt(&*device);
+    other.update("todo", "3", &json!({"n": 30})).unwrap();
+    other.sync().await.unwrap();
+    // The app writes while the repair runs: the change must stay in the outbox, on top of the reset.
+    let writer: Weak<SyncClient<Fake>> = Arc::downgrade(&device);
+    server.lock().unwrap().on_repair = Some(Box::new(move || {
+        writer.upgrade().unwrap().update("todo", "5", &json!({"title": "written during the repair"})).unwrap();
+    }));
+    let report = device.sync().await.unwrap();
+    assert!(report.repaired, "{report:?}");
+    assert!(server.lock().unwrap().pulls.iter().any(|(since, _)| *since == i64::MAX), "the repair asked for a reset from beyond the log");
+    assert_eq!(device.pending().unwrap(), 1, "the change made during the repair is still unsent");
+    let mut expected = server.lock().unwrap().visible("todo");
+    expected.get_mut("5").unwrap().insert("title".into(), json!("written during the repair"));
+    assert_eq!(rows(&*device), expected, "the server's rows, with the unsent change on top");
+    assert_eq!(report.cursor, server.lock().unwrap().last_seq());
+
+    let report = device.sync().await.unwrap();
+    assert!(!report.repaired);
+    assert_eq!((report.pushed, device.pending().unwrap()), (1, 0));
+    assert_eq!(rows(&*device), server.lock().unwrap().visible("todo"));
+    assert_eq!(rows(&*device)["5"]["title"], "written during the repair");
+    drop(device);
+    std::fs::remove_file(&path).ok();
+}
+
+#[tokio::test]
+async fn the_check_is_skipped_when_nothing_was_pulled_and_the_digest_was_verified() {
+    let server = server(true);
+    let device = client("device", LocalStore::memory(), primary(&server));
+    seed(&device).await;
+    corrupt(&device);
+    let pulls = server.lock().unwrap().pulls.len();
+    let report = device.sync().await.unwrap();
+    assert!(!report.repaired && report.pulled == 0, "nothing pulled, same digest: not recomputed, so not seen");
+    assert_eq!(server.lock().unwrap().pulls.len(), pulls + 1);
+
+    let other = client("other", LocalStore::memory(), primary(&server));
+    other.insert("todo", "7", &json!({"title": "new"})).unwrap();
+    other.sync().await.unwrap();
+    let report = device.sync().await.unwrap();
+    assert!(report.repaired, "a pull brings a new digest: checked, and repaired");
+    assert_eq!(rows(&device), server.lock().unwrap().visible("todo"));
+}
+
+#[tokio::test]
+async fn a_mismatch_that_outlives_the_repair_is_an_error_after_one_repair() {
+    let server = server(true);
+    let device = client("device", LocalStore::memory(), primary(&server));
+    seed(&device).await;
+    let other = client("other", LocalStore::memory(), primary(&server));
+    other.insert("todo", "7", &json!({"title": "new"})).unwrap();
+    other.sync().await.unwrap();
+    server.lock().unwrap().skew = 1;
+    let error = device.sync().await.unwrap_err();
+    let expected = to_wire(server.lock().unwrap().digest().wrapping_add(1));
+    assert!(matches!(&error, Error::DigestMismatch { server, local } if *server == expected && *local == to_wire(parse_digest(server).unwrap().wrapping_sub(1))), "{error}");
+    let repairs = server.lock().unwrap().pulls.iter().filter(|(since, _)| *since == i64::MAX).count();
+    assert_eq!(repairs, 1, "one repair, no loop");
+    assert_eq!(rows(&device), server.lock().unwrap().visible("todo"));
+}
+
+#[tokio::test]
+async fn without_a_digest_nothing_is_checked() {
+    let server = server(false);
+    let device = client("device", LocalStore::memory(), primary(&server));
+    seed(&device).await;
+    corrupt(&device);
+    let other = client("other", LocalStore::memory(), primary(&server));
+    other.insert("todo", "7", &json!({"title": "new"})).unwrap();
+    other.sync().await.unwrap();
+    let report = device.sync().await.unwrap();
+    assert!(!report.repaired);
+    assert!(server.lock().unwrap().pulls.iter().all(|(since, _)| *since != i64::MAX));
+    assert_eq!(rows(&device)["1"]["title"], "corrupted");
+}
+
+#[tokio::test]
+async fn a_read_replica_repairs_from_the_primary_and_a_standby_alone_cannot() {
+    let server = server(true);
+    let remote = ReadReplica { primary: primary(&server), replica: Fake { server: server.clone(), standby: true } };
+    let device = client("device", LocalStore::memory(), remote);
+    seed(&device).await;
+    corrupt(&device);
+    let other = client("other", LocalStore::memory(), primary(&server));
+    other.insert("todo", "7", &json!({"title": "new"})).unwrap();
+    other.sync().await.unwrap();
+    let report = device.sync().await.unwrap();
+    assert!(report.repaired);
+    let repairs: Vec<_> = server.lock().unwrap().pulls.iter().filter(|(since, _)| *since == i64::MAX).copied().collect();
+    assert_eq!(repairs, [(i64::MAX, false)], "the repair went to the primary");
+    assert_eq!(rows(&device), server.lock().unwrap().visible("todo"));
+
+    // A remote whose every pull reaches a standby gets no reset: nothing is applied, the cursor stays.
+    let standby_only = client("standby-only", LocalStore::memory(), Fake { server: server.clone(), standby: true });
+    standby_only.sync().await.unwrap();
+    corrupt(&standby_only);
+    other.insert("todo", "8", &json!({"title": "newer"})).unwrap();
+    other.sync().await.unwrap();
+    let error = standby_only.sync().await.unwrap_err();
+    assert!(matches!(&error, Error::Protocol(message) if message.contains("without one")), "{error}");
+    assert_eq!(standby_only.store.transaction(read_cursor).unwrap(), server.lock().unwrap().last_seq(), "the cursor did not move past the log");
+    assert_eq!(rows(&standby_only)["1"]["title"], "corrupted", "nothing was applied");
+}
+
+fn sqlite_client(actor: &str, path: &std::path::Path, server: &Arc<Mutex<Server>>, seen: &Arc<Mutex<Vec<i64>>>) -> SyncClient<Fake> {
+    let seen = seen.clone();
+    SyncClientBuilder::<Fake>::new()
+        .tenant("acme")
+        .actor(actor)
+        .local(LocalStore::sqlite(path).unwrap())
+        .remote(primary(server))
+        .on_rejected(move |rejection| seen.lock().unwrap().push(rejection.id))
+        .build()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_rejection_is_recorded_with_its_row_restored_before_the_pull_and_survives_a_crash() {
+    let path = temp_db();
+    let server = server(false);
+    let seen: Arc<Mutex<Vec<i64>>> = Arc::default();
+    {
+        let device = sqlite_client("device", &path, &server, &seen);
+        device.insert("todo", "1", &json!({"title": "ok"})).unwrap();
+        device.sync().await.unwrap();
+        device.update("todo", "1", &json!({"title": "refused", "forbidden": true})).unwrap();
+        device.update("todo", "1", &json!({"note": "accepted in the same batch"})).unwrap();
+        server.lock().unwrap().fail_pulls = Some("08006");
+        let error = device.sync().await.unwrap_err();
+        assert!(error.is_transient() && error.sqlstate() == Some("08006"), "{error}");
+        assert_eq!(device.pending().unwrap(), 0);
+        assert_eq!(Value::Object(rows(&device)["1"].clone()), json!({"title": "ok", "note": "accepted in the same batch"}), "restored without waiting for the pull");
+        assert_eq!(seen.lock().unwrap().len(), 1, "the callback ran once");
+        let status = device.status().borrow().clone();
+        assert_eq!((status.rejections, status.pending, status.activity), (1, 0, Activity::Idle));
+        assert_eq!(status.last_error.map(|error| (error.class, error.sqlstate)), Some((ErrorClass::Transient, Some("08006".into()))));
+    }
+    // The process ends here without another sync: the rejection is in the file.
+    let reopened = sqlite_client("device", &path, &server, &seen);
+    assert_eq!(reopened.status().borrow().rejections, 1);
+    let rejections = reopened.take_rejections().unwrap();
+    assert_eq!(rejections.len(), 1);
+    assert_eq!((rejections[0].code(), rejections[0].id), ("permission_denied", seen.lock().unwrap()[0]));
+    assert_eq!(rejections[0].change.value.as_ref().unwrap()["title"], "refused");
+    assert!(reopened.take_rejections().unwrap().is_empty(), "drained once");
+    server.lock().unwrap().fail_pulls = None;
+    let report = reopened.sync().await.unwrap();
+    assert!(report.rejected.is_empty());
+    assert_eq!(rows(&reopened), server.lock().unwrap().visible("todo"));
+    assert_eq!(seen.lock().unwrap().len(), 1, "no callback again");
+    drop(reopened);
+    std::fs::remove_file(&path).ok();
+}
+
+#[tokio::test]
+async fn a_change_refused_as_a_whole_call_is_isolated_and_cannot_block_the_rest() {
+    let server = server(false);
+    let device = client("device", LocalStore::memory(), primary(&server));
+    for n in 0..7 {
+        let value = if n == 4 { json!({"poison": n}) } else { json!({"n": n}) };
+        device.insert("todo", &n.to_string(), &value).unwrap();
+    }
+    let report = device.sync().await.unwrap();
+    assert_eq!(report.pushed, 7);
+    let reasons: Vec<&str> = report.rejected.iter().map(|rejection| rejection.reason.as_str()).collect();
+    assert_eq!(reasons, ["refused: 22023: changes[0].value.poison: not accepted"], "the change alone was refused");
+    assert_eq!(report.rejected[0].change.pk, "4");
+    assert_eq!(device.pending().unwrap(), 0);
+    let on_server = server.lock().unwrap().visible("todo");
+    assert_eq!(on_server.keys().collect::<Vec<_>>(), ["0", "1", "2", "3", "5", "6"]);
+    assert_eq!(rows(&device), on_server);
+    let order: Vec<i64> = server.lock().unwrap().log.iter().map(|change| change.pk.parse().unwrap()).collect();
+    assert_eq!(order, [0, 1, 2, 3, 5, 6], "the rest went in outbox order");
+}
+
+#[tokio::test]
+async fn the_outbox_lists_failures_and_a_pending_change_can_be_discarded() {
+    let server = server(false);
+    let device = client("device", LocalStore::memory(), primary(&server));
+    device.insert("todo", "1", &json!({"title": "first"})).unwrap();
+    let edit = device.update("todo", "1", &json!({"title": "second"})).unwrap();
+    device.insert("todo", "2", &json!({"title": "other"})).unwrap();
+    server.lock().unwrap().fail_pushes = Some("57P01");
+    assert_eq!(device.sync().await.unwrap_err().sqlstate(), Some("57P01"));
+    let outbox = device.outbox().unwrap();
+    assert_eq!(outbox.len(), 3);
+    assert!(outbox.iter().all(|pending| pending.attempts == 1 && pending.last_error.as_deref().is_some_and(|error| error.contains("57P01"))), "{outbox:?}");
+
+    let mut events = device.subscribe();
+    assert_eq!(device.discard(edit.op_id).unwrap(), edit);
+    assert_eq!(rows(&device)["1"]["title"], "first", "the row shows the other unsent change only");
+    assert!(events.try_recv().unwrap().touches("todo"));
+    assert!(matches!(device.discard(edit.op_id), Err(Error::NotFound(_))));
+    assert_eq!(device.status().borrow().pending, 2);
+
+    server.lock().unwrap().fail_pushes = None;
+    device.sync().await.unwrap();
+    assert_eq!(server.lock().unwrap().visible("todo")["1"]["title"], "first", "the discarded change was never sent");
+    assert_eq!(rows(&device), server.lock().unwrap().visible("todo"));
+}
+
+#[tokio::test]
+async fn a_rejected_change_can_be_retried_as_a_new_change() {
+    let server = server(false);
+    let device = client("device", LocalStore::memory(), primary(&server));
+    let refused = device.insert("todo", "1", &json!({"title": "x", "forbidden": 1})).unwrap();
+    let report = device.sync().await.unwrap();
+    assert_eq!(report.rejected.len(), 1);
+    assert!(rows(&device).is_empty());
+    let id = device.rejections().unwrap()[0].id;
+    let retried = device.retry_rejection(id).unwrap();
+    assert_ne!(retried.op_id, refused.op_id);
+    assert!(retried.hlc > refused.hlc);
+    assert!(device.rejections().unwrap().is_empty());
+    assert!(matches!(device.retry_rejection(id), Err(Error::NotFound(_))));
+    assert_eq!(device.pending().unwrap(), 1);
+    assert_eq!(rows(&device)["1"]["title"], "x");
+}
+
+#[tokio::test]
+async fn a_device_clock_an_hour_ahead_is_rebased_on_the_server_clock() {
+    let path = temp_db();
+    let server = server(false);
+    server.lock().unwrap().server_clock = true;
+    let hour = 3_600_000;
+    let ahead = |path: &std::path::Path| {
+        SyncClientBuilder::<Fake>::new()
+            .tenant("acme")
+            .actor("ahead")
+            .local(LocalStore::sqlite(path).unwrap())
+            .remote(primary(&server))
+            .wall_clock(move || wall_clock_millis() + hour)
+            .build()
+            .unwrap()
+    };
+    let device = ahead(&path);
+    device.insert("todo", "1", &json!({"title": "stamped an hour ahead"})).unwrap();
+    let report = device.sync().await.unwrap();
+    assert_eq!(report.rejected.iter().map(Rejection::code).collect::<Vec<_>>(), [REASON_CLOCK_SKEW]);
+
+    let later = device.insert("todo", "2", &json!({"title": "after the rebase"})).unwrap();
+    assert!((later.hlc.millis() - wall_clock_millis()).abs() < 60_000, "stamped with the server's time: {}", later.hlc);
+    let retried = device.retry_rejection(report.rejected[0].id).unwrap();
+    let report = device.sync().await.unwrap();
+    assert!(report.rejected.is_empty(), "{report:?}");
+    assert!(retried.hlc > later.hlc);
+    assert_eq!(server.lock().unwrap().visible("todo").len(), 2);
+
+    drop(device);
+    let reopened = ahead(&path);
+    let after_restart = reopened.insert("todo", "3", &json!({"title": "after a restart"})).unwrap();
+    assert!(after_restart.hlc.millis() < wall_clock_millis() + 60_000, "the offset is kept: {}", after_restart.hlc);
+    assert!(reopened.sync().await.unwrap().rejected.is_empty());
+    drop(reopened);
+    std::fs::remove_file(&path).ok();
+}
+
+#[tokio::test]
+async fn status_and_events_follow_writes_syncs_and_errors() {
+    let server = server(true);
+    let device = client("device", LocalStore::memory(), primary(&server));
+    let other = client("other", LocalStore::memory(), primary(&server));
+    let mut events = device.subscribe();
+    let status = device.status();
+    device.insert("todo", "1", &json!({"title": "mine"})).unwrap();
+    assert_eq!(events.try_recv().unwrap(), RowsChanged { origin: Origin::Local, rows: vec![("todo".into(), "1".into())], all: false });
+    assert_eq!((status.borrow().pending, status.borrow().connected, status.borrow().last_synced_at), (1, false, None));
+
+    other.insert("note", "a", &json!({"body": "theirs"})).unwrap();
+    other.sync().await.unwrap();
+    device.sync().await.unwrap();
+    let pulled: Vec<RowsChanged> = std::iter::from_fn(|| events.try_recv().ok()).collect();
+    assert!(pulled.iter().any(|event| event.origin == Origin::Pull && event.touches("note") && !event.touches("other")), "{pulled:?}");
+    let now = status.borrow().clone();
+    assert!(now.connected && now.last_synced_at.is_some() && now.last_error.is_none() && now.pending == 0, "{now:?}");
+    assert_eq!(now.activity, Activity::Idle);
+
+    server.lock().unwrap().fail_pulls = Some("42501");
+    let error = device.sync().await.unwrap_err();
+    assert!(!error.is_transient());
+    let failed = status.borrow().last_error.clone().unwrap();
+    assert_eq!((failed.class, failed.sqlstate.as_deref()), (ErrorClass::Permanent, Some("42501")));
+    assert!(failed.message.contains("the pull failed"), "{}", failed.message);
+}
+
+#[tokio::test]
+async fn a_client_syncs_through_a_remote_trait_object() {
+    let server = server(true);
+    let remote: Arc<dyn Remote> = Arc::new(primary(&server));
+    let device: SyncClient<Arc<dyn Remote>> = client("device", LocalStore::memory(), remote);
+    device.insert("todo", "1", &json!({"title": "through dyn Remote"})).unwrap();
+    device.sync().await.unwrap();
+    assert_eq!(server.lock().unwrap().visible("todo")["1"]["title"], "through dyn Remote");
+}
+
+/// Waits (at most a generous 10 s) until `done` holds.
+async fn eventually(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !done() {
+        assert!(tokio::time::Instant::now() < deadline, "not within 10 s: {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn dropping_the_live_handle_ends_the_loop() {
+    let server = server(false);
+    let device = Arc::new(client("device", LocalStore::memory(), primary(&server)));
+    let live = device.clone().live(LiveOptions { interval: Duration::from_millis(5), ..LiveOptions::default() });
+    eventually("the loop syncs", || server.lock().unwrap().pulls.len() >= 3).await;
+    drop(live);
+    eventually("the loop lets go of the client", || Arc::strong_count(&device) == 1).await;
+    let pulls = server.lock().unwrap().pulls.len();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(server.lock().unwrap().pulls.len(), pulls, "no sync after the loop ended");
+    assert_eq!(device.status().borrow().live, LiveState::Off);
+}
+
+#[tokio::test]
+async fn stop_returns_while_a_call_never_answers() {
+    let server = server(false);
+    server.lock().unwrap().hang_pulls = true;
+    let device = Arc::new(client("device", LocalStore::memory(), primary(&server)));
+    let live = device.clone().live(LiveOptions::default());
+    eventually("the pull hangs", || !server.lock().unwrap().pulls.is_empty()).await;
+    assert!(matches!(device.status().borrow().activity, Activity::Downloading { .. }));
+    tokio::time::timeout(Duration::from_secs(10), live.stop()).await.expect("stop returns");
+    assert_eq!(device.status().borrow().activity, Activity::Idle, "the abandoned sync left the status idle");
+    assert_eq!(Arc::strong_count(&device), 1);
+}
+
+#[tokio::test]
+async fn a_permanent_error_halts_the_live_loop_until_sync_now() {
+    let server = server(false);
+    server.lock().unwrap().fail_pulls = Some("42501");
+    let device = Arc::new(client("device", LocalStore::memory(), primary(&server)));
+    let status = device.status();
+    let live = device.clone().live(LiveOptions { interval: Duration::from_millis(5), ..LiveOptions::default() });
+    eventually("the loop halts", || matches!(status.borrow().live, LiveState::Running { halted: true, .. })).await;
+    assert_eq!(status.borrow().last_error.as_ref().map(|error| error.class), Some(ErrorClass::Permanent));
+    let wakeups = match &status.borrow().live {
+        LiveState::Running { wakeups: Wakeups::Unavailable { reason }, .. } => reason.clone(),
+        other => panic!("{other:?}"),
+    };
+    assert!(wakeups.contains("listen_url"), "{wakeups}");
+    let pulls = server.lock().unwrap().pulls.len();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(server.lock().unwrap().pulls.len(), pulls, "no retries after a permanent error");
+
+    server.lock().unwrap().fail_pulls = None;
+    live.sync_now();
+    eventually("the loop syncs again", || status.borrow().last_error.is_none() && status.borrow().last_synced_at.is_some()).await;
+    assert!(matches!(status.borrow().live, LiveState::Running { halted: false, .. }));
+    live.stop().await;
+}
