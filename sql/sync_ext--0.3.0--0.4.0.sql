@@ -16,3 +16,10 @@ REVOKE ALL ON sync_ext.wakeups FROM PUBLIC;
 -- them again (as changes of grants and settings do).
 CREATE TRIGGER access_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON sync_ext.models
     FOR EACH STATEMENT EXECUTE FUNCTION sync_ext.access_changed();
+
+-- The seq index of the snapshots (reset pages in seq order) under the "C" collation, so that no lookup of
+-- a row by its key (`tenant_id = $1 AND model = ... AND id = ...`, default collation) can use it: a kept
+-- generic plan made while the table was nearly empty could not tell it from the primary key and scanned
+-- the tenant's whole range with it. Reset pages name it with `tenant_id COLLATE "C" = $1`.
+DROP INDEX sync_ext.snapshots_by_seq;
+CREATE INDEX snapshots_by_seq ON sync_ext.snapshots (tenant_id COLLATE "C", seq);

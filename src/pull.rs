@@ -52,7 +52,7 @@ fetched AS (
                                                  'value', CASE WHEN s.deleted THEN NULL ELSE s.value END,
                                                  'field_stamps', s.field_stamps, 'deleted_hlc', s.deleted_hlc) AS change
                   FROM sync_ext.snapshots AS s
-                 WHERE (SELECT reset FROM mode) AND s.tenant_id = $1 AND s.seq > (SELECT snapshot_after FROM mode)
+                 WHERE (SELECT reset FROM mode) AND s.tenant_id COLLATE \"C\" = $1 AND s.seq > (SELECT snapshot_after FROM mode)
                  ORDER BY s.seq
                  LIMIT $3 + 1) AS snapshot_rows) AS fetched_rows
     WINDOW w AS (ORDER BY seq)),

@@ -66,6 +66,35 @@ fn a_long_lived_connection_looks_up_a_big_tenants_batch_by_its_keys() {
     }
 }
 
+#[test]
+fn a_connection_that_started_on_empty_tables_looks_rows_up_by_their_keys_as_they_grow() {
+    let cluster = Cluster::start_with(&["shared_preload_libraries = 'auto_explain'", "autovacuum = off"]);
+    cluster.create_database("sync");
+    // One connection from the empty database on, and no ANALYZE: its kept plans were made on empty tables.
+    let mut device: Client = cluster.connect("sync");
+    let batch = |round: usize| -> Vec<_> {
+        (0..1000).map(|n| change(Op::Insert, "todo", &format!("{round}-{n}"), hlc_ago(10_000, n as u16), "a", json!({"n": n}))).collect()
+    };
+    for round in 0..5 {
+        push(&mut device, "grown", &batch(round)).unwrap();
+    }
+    device
+        .batch_execute(
+            "SET auto_explain.log_min_duration = 0; SET auto_explain.log_nested_statements = on;
+             SET auto_explain.log_format = 'text'; SET client_min_messages = warning",
+        )
+        .unwrap();
+    let from = log_size(&cluster);
+    assert_eq!(push(&mut device, "grown", &batch(5)).unwrap().cursor, 6000);
+    device.batch_execute("RESET auto_explain.log_min_duration").unwrap();
+    let plans = logged_plans(&cluster, from);
+    let row_lookup = plan_of(&plans, "s.deleted_hlc, s.field_stamps");
+    assert!(row_lookup.contains("snapshots_pkey"), "rows are looked up through the primary key:\n{row_lookup}");
+    assert!(!row_lookup.contains("Filter: ((model = k.model)"), "never a scan of the tenant's rows:\n{row_lookup}");
+    let op_log_lookup = plan_of(&plans, "SELECT o.op_id, o.seq, o.payload_hash");
+    assert!(op_log_lookup.contains("Index Cond: ((tenant_id = $1) AND (op_id = k.op_id))"), "op_ids are looked up key by key:\n{op_log_lookup}");
+}
+
 /// The logged plan of the statement whose text holds `marker`.
 fn plan_of<'a>(plans: &'a str, marker: &str) -> &'a str {
     let at = plans.find(marker).unwrap_or_else(|| panic!("no plan logged for a statement with {marker:?}:\n{plans}"));
