@@ -7,6 +7,10 @@
 //! They run with generic plans forced: left to choose, Postgres keeps planning the statements that
 //! take arrays anew for every small batch (a custom plan that knows the array's length looks cheaper),
 //! and the generic plans (index lookups per element) are the right ones at every batch size.
+//!
+//! And they are planned without parallel workers: each touches one tenant's few rows, and a generic plan
+//! cannot tell a tenant from the whole table, so it would start workers on every call (a pull's reset
+//! branch, never run outside resets, cost a few milliseconds per page in starting them).
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -59,18 +63,28 @@ pub fn update_as_session<'conn>(client: &mut SpiClient<'conn>, sql: &str, args: 
     client.update(&*plan, None, args)
 }
 
-/// Runs `execute` with `plan_cache_mode` forced to generic plans, restoring it afterwards (also when
-/// an error unwinds through here).
+/// Runs `execute` with `plan_cache_mode` forced to generic plans and no parallel workers, restoring both
+/// afterwards (also when an error unwinds through here).
 fn with_generic_plans<T>(execute: impl FnOnce() -> T) -> T {
-    struct Restore(std::ffi::c_int);
+    struct Restore {
+        plan_cache_mode: std::ffi::c_int,
+        parallel_workers: std::ffi::c_int,
+    }
     impl Drop for Restore {
         fn drop(&mut self) {
-            // SAFETY: a plain global of the backend, read by the planner; restoring the caller's value.
-            unsafe { pg_sys::plan_cache_mode = self.0 };
+            // SAFETY: plain globals of the backend, read by the planner; restoring the caller's values.
+            unsafe {
+                pg_sys::plan_cache_mode = self.plan_cache_mode;
+                pg_sys::max_parallel_workers_per_gather = self.parallel_workers;
+            }
         }
     }
     // SAFETY: as above; the backend is single-threaded.
-    let _restore = Restore(unsafe { pg_sys::plan_cache_mode });
-    unsafe { pg_sys::plan_cache_mode = pg_sys::PlanCacheMode::PLAN_CACHE_MODE_FORCE_GENERIC_PLAN as std::ffi::c_int };
+    let _restore = unsafe {
+        let restore = Restore { plan_cache_mode: pg_sys::plan_cache_mode, parallel_workers: pg_sys::max_parallel_workers_per_gather };
+        pg_sys::plan_cache_mode = pg_sys::PlanCacheMode::PLAN_CACHE_MODE_FORCE_GENERIC_PLAN as std::ffi::c_int;
+        pg_sys::max_parallel_workers_per_gather = 0;
+        restore
+    };
     execute()
 }
