@@ -13,17 +13,19 @@
 
 use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::prelude::*;
-use pgrx::spi::SpiTupleTable;
 use pgrx::JsonB;
 use sync_ext_protocol::validate_tenant;
 
 use crate::auth::authorize;
 use crate::identity::as_engine;
 use crate::errors::{SyncError, SyncResult};
-use crate::jsonb::JsonbDatum;
+use crate::jsonb::{JsonbDatum, Member};
+use sync_ext_protocol::msgpack::Writer;
 
-/// The page of a pull, built in one statement (so the mode, the horizon and the rows come from one
-/// snapshot), its body built once (each jsonb operation on the page walks all of it). It reads at most one row more than the page may hold, to tell whether more follow, and
+/// The page of a pull, read in one statement (so the mode, the horizon and the rows come from one
+/// snapshot): the changes as one jsonb array, and the cursor, `has_more`, `reset` and the digest (on the
+/// page that ends at the tenant's last seq) for the body around them, which [`Page`] writes without
+/// walking the changes again. It reads at most one row more than the page may hold, to tell whether more follow, and
 /// keeps the rows that fit both limits: at most `$3` changes and at most `$4` bytes (of jsonb; the
 /// first change always, however large it is).
 const PULL_PAGE: &str = "
@@ -68,14 +70,9 @@ answer AS (
                 WHEN page.fetched > page.kept THEN -page.last_kept
                 ELSE mode.last_seq END AS cursor
       FROM mode, page)
-SELECT CASE WHEN reset AND ends THEN jsonb_build_object('changes', changes, 'cursor', cursor, 'has_more', has_more,
-                                                      'reset', true, 'digest', digest)
-            WHEN reset THEN jsonb_build_object('changes', changes, 'cursor', cursor, 'has_more', has_more, 'reset', true)
-            WHEN ends THEN jsonb_build_object('changes', changes, 'cursor', cursor, 'has_more', has_more, 'digest', digest)
-            ELSE jsonb_build_object('changes', changes, 'cursor', cursor, 'has_more', has_more) END
-  FROM (SELECT changes, cursor, has_more, reset, NOT has_more AND cursor = last_seq AS ends,
-               lpad(to_hex(digest), 16, '0') AS digest
-          FROM answer) AS body";
+SELECT changes, cursor, has_more, reset,
+       CASE WHEN NOT has_more AND cursor = last_seq THEN lpad(to_hex(digest), 16, '0') END AS digest
+  FROM answer";
 
 /// Returns `{"changes":[...],"cursor":N,"has_more":bool}` (plus `"reset":true` when the cursor cannot be
 /// continued from the log, and on the page that ends at the tenant's last seq the `"digest"` of its
@@ -83,17 +80,53 @@ SELECT CASE WHEN reset AND ends THEN jsonb_build_object('changes', changes, 'cur
 /// and returned without re-parsing.
 #[pg_extern(stable, parallel_safe)]
 fn sync_pull(tenant: &str, since: i64, max_changes: default!(i32, 1000)) -> Result<JsonbDatum, ErrorReport> {
-    Ok(pull_page(tenant, since, max_changes, |table| Ok(JsonbDatum::take_first(table)?))?)
+    Ok(pull_page(tenant, since, max_changes, |page| JsonbDatum::object(page.members()))?)
 }
 
 /// `sync_pull` with the body encoded as MessagePack (named fields).
 #[pg_extern(stable, parallel_safe)]
 fn sync_pull_msgpack(tenant: &str, since: i64, max_changes: default!(i32, 1000)) -> Result<Vec<u8>, ErrorReport> {
-    let body = pull_page(tenant, since, max_changes, |table| Ok(table.first().get_one::<JsonB>()?))?;
-    Ok(sync_ext_protocol::msgpack::encode(&body.map(|body| body.0)).expect("JSON values encode as MessagePack"))
+    Ok(pull_page(tenant, since, max_changes, |page| {
+        let mut writer = Writer::default();
+        let members = page.members();
+        writer.map(members.len() as u32);
+        for (key, member) in members {
+            writer.str(key);
+            match member {
+                Member::Bool(value) => writer.bool(value),
+                Member::Int(value) => writer.number(&value.to_string()).expect("an integer is a JSON number"),
+                Member::Text(text) => writer.str(&text),
+                Member::Jsonb(datum) => crate::jsonb::write_msgpack(&mut writer, datum),
+            }
+        }
+        writer.finish()
+    })?)
 }
 
-fn pull_page<T>(tenant: &str, since: i64, max_changes: i32, take: impl FnOnce(SpiTupleTable<'_>) -> SyncResult<T>) -> SyncResult<T> {
+/// A pull page as [`PULL_PAGE`] reads it; `changes` is a detoasted jsonb array in SPI's memory.
+struct Page {
+    changes: pg_sys::Datum,
+    cursor: i64,
+    has_more: bool,
+    reset: bool,
+    digest: Option<String>,
+}
+
+impl Page {
+    /// The members of the body.
+    fn members(&self) -> Vec<(&'static str, Member)> {
+        let mut members = vec![("changes", Member::Jsonb(self.changes)), ("cursor", Member::Int(self.cursor)), ("has_more", Member::Bool(self.has_more))];
+        if self.reset {
+            members.push(("reset", Member::Bool(true)));
+        }
+        if let Some(digest) = &self.digest {
+            members.push(("digest", Member::Text(digest.clone())));
+        }
+        members
+    }
+}
+
+fn pull_page<T>(tenant: &str, since: i64, max_changes: i32, body: impl FnOnce(Page) -> T) -> SyncResult<T> {
     validate_tenant(tenant)?;
     if max_changes < 1 {
         return Err(SyncError::InvalidArgument { argument: "max_changes", problem: format!("must be 1 or more, got {max_changes}") });
@@ -102,7 +135,20 @@ fn pull_page<T>(tenant: &str, since: i64, max_changes: i32, take: impl FnOnce(Sp
         let settings = authorize(engine, tenant)?;
         let limit = max_changes.min(settings.max_pull_changes);
         let args = [tenant.into(), since.into(), limit.into(), settings.max_pull_bytes.into()];
-        Spi::connect(|client| take(crate::plans::select(client, PULL_PAGE, Some(1), &args)?))
+        Spi::connect(|client| {
+            let row = crate::plans::select(client, PULL_PAGE, Some(1), &args)?.first();
+            let changes = row.get_datum_by_ordinal(1)?.ok_or(pgrx::spi::Error::InvalidPosition)?;
+            let page = Page {
+                // SAFETY: a jsonb the statement built; detoasting keeps it in SPI's memory, which lives
+                // until `body` has written what it returns.
+                changes: pg_sys::Datum::from(unsafe { pg_sys::pg_detoast_datum(changes.cast_mut_ptr()) }),
+                cursor: row.get(2)?.unwrap_or_default(),
+                has_more: row.get(3)?.unwrap_or_default(),
+                reset: row.get(4)?.unwrap_or_default(),
+                digest: row.get(5)?,
+            };
+            Ok(body(page))
+        })
     })
 }
 
@@ -243,8 +289,11 @@ mod tests {
 
     #[pg_test]
     fn messagepack_pushes_and_pulls_carry_the_same_structures_as_json() {
+        let varied = json!({"int": -9007199254740991i64, "zero": 0, "float": -0.1, "huge": 1e300, "small": 2.5e-8,
+                            "text": "é \"quoted\" \\ tab\t 🙂", "empty": {}, "none": [], "nested": {"a": [1, [2, {"b": null}]], "t": true}});
         let changes = json!([change(1, "1", "insert", "00.000", "a", json!({"title": "milk", "n": 1.5, "tags": ["x", null]})),
-                             change(2, "1", "delete", "01.000", "b", Value::Null)]);
+                             change(2, "1", "delete", "01.000", "b", Value::Null),
+                             change(3, "2", "insert", "02.000", "a", varied.clone())]);
         let packed = sync_ext_protocol::msgpack::encode(&changes).unwrap();
         let response = Spi::get_one_with_args::<Vec<u8>>("SELECT sync_push_msgpack('t', $1)", &[packed.into()]).unwrap().unwrap();
         let response: Value = sync_ext_protocol::msgpack::decode(&response).unwrap();
@@ -252,6 +301,7 @@ mod tests {
         let packed_pull = Spi::get_one::<Vec<u8>>("SELECT sync_pull_msgpack('t', 0, 10)").unwrap().unwrap();
         let from_msgpack: Value = sync_ext_protocol::msgpack::decode(&packed_pull).unwrap();
         assert_eq!(from_msgpack, pull("t", 0, 10), "the same body in either encoding");
+        assert_eq!(from_msgpack["changes"][2]["value"], varied, "every kind of value, as pushed");
         let json_bytes = Spi::get_one::<i32>("SELECT octet_length(sync_pull('t', 0, 10)::text)").unwrap().unwrap();
         assert!((packed_pull.len() as i32) < json_bytes, "MessagePack is smaller: {} vs {json_bytes} bytes", packed_pull.len());
         assert!(error_of(r"SELECT sync_push_msgpack('t', '\xc1')").starts_with("22P02: changes: not valid MessagePack"));
