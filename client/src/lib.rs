@@ -81,7 +81,7 @@ pub use live::{LiveHandle, LiveOptions};
 pub use model::{Key, KeyPart, Model};
 pub use outbox::{PendingChange, Rejection, REASON_REFUSED};
 pub use query::{Cmp, Query};
-pub use remote::{Encoding, PgRemote, ReadReplica, Remote, RemoteFuture, DEFAULT_CONNECT_TIMEOUT, DEFAULT_STATEMENT_TIMEOUT};
+pub use remote::{CredentialsHook, Encoding, PgRemote, ReadReplica, Remote, RemoteFuture, DEFAULT_CONNECT_TIMEOUT, DEFAULT_STATEMENT_TIMEOUT};
 pub use status::{Activity, LiveState, Origin, RowsChanged, StatusError, SyncStatus, Wakeups};
 pub use store::{LocalRow, LocalStore, Transaction};
 pub use sync::{SyncReport, DEFAULT_SYNC_TIMEOUT};

@@ -105,11 +105,16 @@ pub const DEFAULT_STATEMENT_TIMEOUT: Duration = Duration::from_secs(30);
 /// (and asks the server to cancel the statement), and the next call connects afresh.
 pub struct PgRemote {
     config: std::result::Result<tokio_postgres::Config, String>,
+    credentials: Option<CredentialsHook>,
     encoding: Encoding,
     connect_timeout: Duration,
     statement_timeout: Duration,
     client: Mutex<Option<tokio_postgres::Client>>,
 }
+
+/// Called before every new connection with a copy of the configuration; connects with the one it
+/// returns (e.g. with a fresh password from a token service). See [`PgRemote::credentials`].
+pub type CredentialsHook = Arc<dyn Fn(tokio_postgres::Config) -> RemoteFuture<'static, tokio_postgres::Config> + Send + Sync>;
 
 /// A driver error as a client error: the server's SQLSTATE when there is one, a missing extension
 /// named as such, a connection failure otherwise.
@@ -140,11 +145,31 @@ impl PgRemote {
     fn with_config(config: std::result::Result<tokio_postgres::Config, String>) -> Self {
         PgRemote {
             config,
+            credentials: None,
             encoding: Encoding::Json,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             statement_timeout: DEFAULT_STATEMENT_TIMEOUT,
             client: Mutex::new(None),
         }
+    }
+
+    /// Refreshes the credentials before every new connection (the first, and each one after a
+    /// connection dropped): `refresh` gets a copy of the configuration and returns the one to connect
+    /// with, e.g. with a short-lived password or token set. An error it returns fails that call.
+    ///
+    /// ```
+    /// use sync_ext_client::{PgRemote, RemoteFuture};
+    ///
+    /// let remote = PgRemote::new("postgres://device@db.example.com/app").credentials(|mut config| -> RemoteFuture<'static, _> {
+    ///     Box::pin(async move {
+    ///         config.password("a token fetched just now"); // e.g. from an identity provider
+    ///         Ok(config)
+    ///     })
+    /// });
+    /// ```
+    pub fn credentials(mut self, refresh: impl Fn(tokio_postgres::Config) -> RemoteFuture<'static, tokio_postgres::Config> + Send + Sync + 'static) -> Self {
+        self.credentials = Some(Arc::new(refresh));
+        self
     }
 
     /// Uses another encoding on the wire.
@@ -172,7 +197,10 @@ impl PgRemote {
             Some(client) => client,
             None => {
                 let config = self.config.as_ref().map_err(|message| Error::Config { message: message.clone(), source: None })?;
-                connect(config, self.connect_timeout).await?.0
+                match &self.credentials {
+                    Some(refresh) => connect(&refresh(config.clone()).await?, self.connect_timeout).await?.0,
+                    None => connect(config, self.connect_timeout).await?.0,
+                }
             }
         };
         // The connection is out of its slot while the call runs: if this future is dropped (a sync
@@ -189,7 +217,9 @@ impl PgRemote {
                 Err(Error::Timeout { what: "statement", after: self.statement_timeout })
             }
             Ok(Err(error)) => {
-                if !client.is_closed() {
+                // Only an error the server answered leaves the connection usable; after any other (it
+                // closed, it broke) the next call connects afresh, even if the driver has not noticed yet.
+                if error.as_db_error().is_some() && !client.is_closed() {
                     *slot = Some(client);
                 }
                 Err(pg_error(error))

@@ -210,3 +210,41 @@ async fn a_device_clock_an_hour_ahead_is_corrected_after_its_first_rejection() {
     assert_eq!(rows(&ahead), server_rows(&cluster));
     assert_eq!(server_rows(&cluster)[1].1["title"], "edited on the laptop");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_credentials_hook_sets_up_every_new_connection() {
+    let (cluster, url) = start();
+    let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    // The configuration names a database that does not exist; only the hook's answer can connect.
+    let mut config: sync_ext_client::tokio_postgres::Config = url.parse().unwrap();
+    config.dbname("no_such_database");
+    let counted = calls.clone();
+    let remote = PgRemote::from_config(config).credentials(move |mut config| -> sync_ext_client::RemoteFuture<'static, _> {
+        let call = counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+        Box::pin(async move {
+            config.dbname("sync").application_name(&format!("refreshed-{call}"));
+            Ok(config)
+        })
+    });
+    let device = client("device", remote);
+    device.insert("todo", "1", &json!({"title": "milk"})).unwrap();
+    device.sync().await.expect("the hook's configuration connects");
+    assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 1, "one connection, one refresh");
+    assert_eq!(server_rows(&cluster).len(), 1);
+
+    // The server drops the connection: the next call connects again, through the hook.
+    off_runtime(|| {
+        cluster.connect("sync").batch_execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'refreshed-1'").unwrap()
+    });
+    device.insert("todo", "2", &json!({"title": "bread"})).unwrap();
+    let mut synced = device.sync().await;
+    if synced.as_ref().is_err_and(Error::is_transient) {
+        synced = device.sync().await; // the call that found the connection closed
+    }
+    synced.expect("a new connection through the hook");
+    assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 2, "the new connection was refreshed");
+    let names = off_runtime(|| {
+        cluster.connect("sync").query_one("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'refreshed-2'", &[]).unwrap().get::<_, i64>(0)
+    });
+    assert_eq!(names, 1, "connected with what the hook returned");
+}
