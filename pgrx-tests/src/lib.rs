@@ -334,3 +334,18 @@ impl Drop for PgBouncer {
         let _ = self.child.wait();
     }
 }
+
+/// Runs blocking database code (the sync `postgres` crate, a [`Cluster`]) on a plain thread, off the async
+/// runtime a client test runs on.
+pub fn off_runtime<T: Send>(work: impl FnOnce() -> T + Send) -> T {
+    std::thread::scope(|scope| scope.spawn(work).join().expect("blocking work finishes"))
+}
+
+/// A cluster with a `sync` database, and its connection string, started off the async runtime.
+pub fn sync_cluster() -> (Cluster, String) {
+    off_runtime(|| {
+        let cluster = Cluster::start();
+        let url = cluster.create_database("sync");
+        (cluster, url)
+    })
+}

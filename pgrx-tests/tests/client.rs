@@ -11,23 +11,9 @@ use proptest::test_runner::{Config, TestRunner};
 use serde_json::{json, Map, Value};
 use sync_ext_client::protocol::{Change, Op, PullResponse, PushResponse};
 use sync_ext_client::{Error, LiveOptions, LocalStore, PgRemote, Remote, RemoteFuture, SyncClient};
-use sync_ext_pgrx_tests::Cluster;
+use sync_ext_pgrx_tests::{off_runtime, sync_cluster, Cluster};
 
 type Row = Map<String, Value>;
-
-/// Runs blocking database code (the sync `postgres` crate) on a plain thread, off the async runtime.
-fn off_runtime<T: Send>(work: impl FnOnce() -> T + Send) -> T {
-    std::thread::scope(|scope| scope.spawn(work).join().expect("blocking work finishes"))
-}
-
-/// A cluster with a `sync` database, and its connection string.
-fn start() -> (Cluster, String) {
-    off_runtime(|| {
-        let cluster = Cluster::start();
-        let url = cluster.create_database("sync");
-        (cluster, url)
-    })
-}
 
 fn client<R: Remote>(tenant: &str, actor: &str, store: LocalStore, remote: R) -> SyncClient<R> {
     SyncClient::builder().tenant(tenant).actor(actor).local(store).remote(remote).build().expect("client builds")
@@ -62,7 +48,7 @@ fn count(cluster: &Cluster, sql: &str) -> i64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_clients_converge_after_concurrent_offline_edits() {
-    let (cluster, url) = start();
+    let (cluster, url) = sync_cluster();
     let dir = tempfile::tempdir().unwrap();
     let phone = client("acme", "phone", LocalStore::sqlite(dir.path().join("phone.db")).unwrap(), PgRemote::new(&url));
     let laptop = client("acme", "laptop", LocalStore::memory(), PgRemote::new(&url));
@@ -118,7 +104,7 @@ impl Remote for LosesNextAck {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sync_interrupted_between_push_and_ack_loses_and_doubles_nothing() {
-    let (cluster, url) = start();
+    let (cluster, url) = sync_cluster();
     let remote = LosesNextAck { inner: PgRemote::new(&url), lose: AtomicBool::new(true) };
     let phone = client("acme", "phone", LocalStore::memory(), remote);
     for n in 0..5 {
@@ -136,7 +122,7 @@ async fn a_sync_interrupted_between_push_and_ack_loses_and_doubles_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rejected_change_is_surfaced_and_its_row_restored() {
-    let (cluster, url) = start();
+    let (cluster, url) = sync_cluster();
     execute(
         &cluster,
         "CREATE TABLE todos (id int PRIMARY KEY, tenant_id text NOT NULL, title text NOT NULL, priority numeric(4,2));
@@ -172,7 +158,7 @@ async fn a_rejected_change_is_surfaced_and_its_row_restored() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreachable_server_leaves_local_writes_intact_until_it_is_back() {
-    let (cluster, url) = start();
+    let (cluster, url) = sync_cluster();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("offline.db");
     {
@@ -194,7 +180,7 @@ async fn an_unreachable_server_leaves_local_writes_intact_until_it_is_back() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn listen_wakes_a_live_client_within_a_second_of_another_push() {
-    let (_cluster, url) = start();
+    let (_cluster, url) = sync_cluster();
     let writer = client("acme", "writer", LocalStore::memory(), PgRemote::new(&url));
     let reader = Arc::new(client("acme", "reader", LocalStore::memory(), PgRemote::new(&url)));
     let options = LiveOptions { listen_url: Some(url.clone()), interval: Duration::from_secs(60), ..LiveOptions::default() };
@@ -266,7 +252,7 @@ fn three_replicas_under_random_edits_and_syncs_end_identical_to_the_server() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicas_converge_across_compaction_even_one_that_slept_past_the_horizon() {
-    let (cluster, url) = start();
+    let (cluster, url) = sync_cluster();
     let replica = |actor: &str| client("acme", actor, LocalStore::memory(), PgRemote::new(&url));
     let (a, b, sleeper) = (replica("a"), replica("b"), replica("sleeper"));
     let kept_insert = a.insert("todo", "kept", &json!({"title": "kept", "n": 1})).unwrap();
@@ -320,7 +306,7 @@ async fn replicas_converge_across_compaction_even_one_that_slept_past_the_horizo
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_the_server_cannot_store_is_refused_locally_and_never_stalls_the_outbox() {
-    let (_cluster, url) = start();
+    let (_cluster, url) = sync_cluster();
     let device = client("acme", "device", LocalStore::memory(), PgRemote::new(&url));
     let nul = device.insert("todo", "1", &json!({"title": "a\u{0}b"})).unwrap_err();
     assert!(matches!(&nul, Error::Unstorable(reason) if reason.starts_with("invalid_text: change.value.title")), "{nul}");
@@ -369,7 +355,7 @@ impl Remote for DuringRepair {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_altered_behind_the_client_is_caught_by_the_digest_and_repaired() {
-    let (cluster, url) = start();
+    let (cluster, url) = sync_cluster();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("phone.db");
     let hook: Arc<std::sync::Mutex<Option<Hook>>> = Arc::default();

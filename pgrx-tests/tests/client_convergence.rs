@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 use sync_ext_client::protocol::{Change, Op, PullResponse, PushResponse, Status};
 use sync_ext_client::{Error, Key, LocalStore, Model, PgRemote, Remote, RemoteFuture, SyncClient};
-use sync_ext_pgrx_tests::Cluster;
+use sync_ext_pgrx_tests::{off_runtime, Cluster};
 use uuid::Uuid;
 
 type Row = Map<String, Value>;
@@ -139,11 +139,6 @@ impl Drop for SeedOnFailure {
             eprintln!("client_convergence failed with SYNC_EXT_SEED={} (replay with that variable set)", self.0);
         }
     }
-}
-
-/// Runs blocking database code (the sync `postgres` crate) on a plain thread, off the async runtime.
-fn off_runtime<T: Send>(work: impl FnOnce() -> T + Send) -> T {
-    std::thread::scope(|scope| scope.spawn(work).join().expect("blocking work finishes"))
 }
 
 type Replica = SyncClient<Arc<Flaky>>;

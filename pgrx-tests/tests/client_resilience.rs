@@ -8,23 +8,9 @@ use std::time::Duration;
 use serde_json::{json, Map, Value};
 use sync_ext_client::protocol::hlc::wall_clock_millis;
 use sync_ext_client::{Activity, Error, ErrorClass, LiveOptions, LiveState, LocalStore, PgRemote, Remote, SyncClient};
-use sync_ext_pgrx_tests::Cluster;
+use sync_ext_pgrx_tests::{off_runtime, sync_cluster, Cluster};
 
 type Row = Map<String, Value>;
-
-/// Runs blocking database code (the sync `postgres` crate) on a plain thread, off the async runtime.
-fn off_runtime<T: Send>(work: impl FnOnce() -> T + Send) -> T {
-    std::thread::scope(|scope| scope.spawn(work).join().expect("blocking work finishes"))
-}
-
-/// A cluster with a `sync` database, and its connection string.
-fn start() -> (Cluster, String) {
-    off_runtime(|| {
-        let cluster = Cluster::start();
-        let url = cluster.create_database("sync");
-        (cluster, url)
-    })
-}
 
 fn client<R: Remote>(actor: &str, remote: R) -> SyncClient<R> {
     SyncClient::builder().tenant("acme").actor(actor).local(LocalStore::memory()).remote(remote).build().expect("client builds")
@@ -62,7 +48,7 @@ async fn eventually(what: &str, mut done: impl FnMut() -> bool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_missing_extension_and_a_denied_role_are_permanent_errors_that_halt_the_live_loop() {
-    let (cluster, _url) = start();
+    let (cluster, _url) = sync_cluster();
     let device = Arc::new(client("device", PgRemote::new(cluster.connection_string("postgres"))));
     device.insert("todo", "1", &json!({"title": "kept"})).unwrap();
     let error = device.sync().await.unwrap_err();
@@ -91,7 +77,7 @@ async fn a_missing_extension_and_a_denied_role_are_permanent_errors_that_halt_th
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_server_makes_calls_time_out_and_live_loops_stop_at_once() {
-    let (cluster, url) = start();
+    let (cluster, url) = sync_cluster();
     let quick = |actor: &str| {
         let remote = PgRemote::new(&url).connect_timeout(Duration::from_secs(1)).statement_timeout(Duration::from_secs(2));
         client(actor, remote)
@@ -141,7 +127,7 @@ async fn a_paused_server_makes_calls_time_out_and_live_loops_stop_at_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dropped_live_handle_stops_its_loop() {
-    let (_cluster, url) = start();
+    let (_cluster, url) = sync_cluster();
     let device = Arc::new(client("device", PgRemote::new(&url)));
     let status = device.status();
     let live = device.clone().live(LiveOptions { listen_url: Some(url.clone()), interval: Duration::from_millis(10), ..LiveOptions::default() });
@@ -157,7 +143,7 @@ async fn a_dropped_live_handle_stops_its_loop() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_push_over_the_servers_size_limit_is_split_and_the_change_it_never_takes_is_rejected_alone() {
-    let (cluster, url) = start();
+    let (cluster, url) = sync_cluster();
     execute(&cluster, "SELECT sync_configure('max_push_bytes', '64kB')");
     let device = client("device", PgRemote::new(&url));
     for n in 0..20 {
@@ -179,7 +165,7 @@ async fn a_push_over_the_servers_size_limit_is_split_and_the_change_it_never_tak
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_device_clock_an_hour_ahead_is_corrected_after_its_first_rejection() {
-    let (cluster, url) = start();
+    let (cluster, url) = sync_cluster();
     let ahead = SyncClient::builder()
         .tenant("acme")
         .actor("ahead")
@@ -213,7 +199,7 @@ async fn a_device_clock_an_hour_ahead_is_corrected_after_its_first_rejection() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_credentials_hook_sets_up_every_new_connection() {
-    let (cluster, url) = start();
+    let (cluster, url) = sync_cluster();
     let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     // The configuration names a database that does not exist; only the hook's answer can connect.
     let mut config: sync_ext_client::tokio_postgres::Config = url.parse().unwrap();

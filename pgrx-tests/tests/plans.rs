@@ -41,12 +41,7 @@ fn a_long_lived_connection_looks_up_a_big_tenants_batch_by_its_keys() {
     push(&mut device, "warm-up", &[change(Op::Insert, "todo", "1", hlc_ago(1_000, 0), "a", json!({"n": 1}))]).unwrap();
     admin.batch_execute(SKEWED_TENANTS).unwrap();
 
-    device
-        .batch_execute(
-            "SET auto_explain.log_min_duration = 0; SET auto_explain.log_nested_statements = on;
-             SET auto_explain.log_format = 'text'; SET client_min_messages = warning",
-        )
-        .unwrap();
+    log_every_plan(&mut device);
     let from = log_size(&cluster);
     let batch = [change(Op::Update, "todo", "50000", hlc_ago(500, 0), "a", json!({"n": 2})), change(Op::Insert, "todo", "new", hlc_ago(500, 1), "a", json!({"n": 3}))];
     let response = push(&mut device, "big", &batch).unwrap();
@@ -78,12 +73,7 @@ fn a_connection_that_started_on_empty_tables_looks_rows_up_by_their_keys_as_they
     for round in 0..5 {
         push(&mut device, "grown", &batch(round)).unwrap();
     }
-    device
-        .batch_execute(
-            "SET auto_explain.log_min_duration = 0; SET auto_explain.log_nested_statements = on;
-             SET auto_explain.log_format = 'text'; SET client_min_messages = warning",
-        )
-        .unwrap();
+    log_every_plan(&mut device);
     let from = log_size(&cluster);
     assert_eq!(push(&mut device, "grown", &batch(5)).unwrap().cursor, 6000);
     device.batch_execute("RESET auto_explain.log_min_duration").unwrap();
@@ -93,6 +83,16 @@ fn a_connection_that_started_on_empty_tables_looks_rows_up_by_their_keys_as_they
     assert!(!row_lookup.contains("Filter: ((model = k.model)"), "never a scan of the tenant's rows:\n{row_lookup}");
     let op_log_lookup = plan_of(&plans, "SELECT o.op_id, o.seq, o.payload_hash");
     assert!(op_log_lookup.contains("Index Cond: ((tenant_id = $1) AND (op_id = k.op_id))"), "op_ids are looked up key by key:\n{op_log_lookup}");
+}
+
+/// Makes auto_explain log the plan of every statement `device` runs, nested ones included.
+fn log_every_plan(device: &mut Client) {
+    device
+        .batch_execute(
+            "SET auto_explain.log_min_duration = 0; SET auto_explain.log_nested_statements = on;
+             SET auto_explain.log_format = 'text'; SET client_min_messages = warning",
+        )
+        .unwrap();
 }
 
 /// The logged plan of the statement whose text holds `marker`.
