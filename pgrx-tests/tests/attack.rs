@@ -796,6 +796,29 @@ fn an_attacker_reads_only_its_tenants_rows_and_cannot_probe_other_roles() {
     scene.assert_witness_unchanged(&before);
 }
 
+#[test]
+fn an_attacker_can_neither_fake_nor_silence_wake_ups() {
+    use postgres::fallible_iterator::FallibleIterator;
+    let mut scene = Scene::new();
+    let before = scene.witness();
+    let mut m = scene.attacker();
+    let mut listener = scene.cluster.connect("sync");
+    listener.batch_execute("LISTEN sync_ext").unwrap();
+    expect_error(m.execute("INSERT INTO sync_ext.wakeups VALUES ('globex')", &[]), "42501", "writing a wake-up for another tenant");
+    // The notifier's advisory locks (its own, and the one a notifier takes to exit), held by mallory
+    // before any notifier runs and for the rest of the test.
+    m.batch_execute("SELECT pg_advisory_lock(1937337955, 1), pg_advisory_lock(1937337955, 2)").unwrap();
+    for n in 0..5 {
+        while listener.notifications().timeout_iter(Duration::from_millis(1)).next().unwrap().is_some() {}
+        let response = push(&mut m, "acme", &[note(Op::Insert, &format!("woken-{n}"), "wake up")]).unwrap();
+        assert_eq!(statuses(&response), ["applied"]);
+        let woken = listener.notifications().timeout_iter(Duration::from_secs(3)).next().unwrap();
+        assert_eq!(woken.map(|note| note.payload().to_owned()).as_deref(), Some("acme"), "push {n} woke acme's listeners");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    scene.assert_witness_unchanged(&before);
+}
+
 // ---------------------------------------------------------------------------------------------------
 // Resource limits
 // ---------------------------------------------------------------------------------------------------
