@@ -6,6 +6,8 @@ use pgrx::callconv::{BoxRet, FcInfo};
 use pgrx::datum::Datum;
 use pgrx::prelude::*;
 
+use serde_json::Value;
+
 use crate::errors::SyncError;
 
 /// A jsonb datum in the memory context of the calling function.
@@ -25,12 +27,25 @@ fn jsonb_from_text(text: String) -> pg_sys::Datum {
     unsafe { pgrx::fcinfo::direct_function_call_as_datum(pg_sys::jsonb_in, &[text.as_c_str().into_datum()]) }.expect("jsonb_in returns a value")
 }
 
-/// A JSON object lent to an SPI argument, written as jsonb without being copied first.
+/// A JSON object lent to an SPI argument, written as jsonb without being copied first (nor written as text).
 pub struct JsonbObject<'a>(pub &'a serde_json::Map<String, serde_json::Value>);
 
 impl IntoDatum for JsonbObject<'_> {
     fn into_datum(self) -> Option<pg_sys::Datum> {
-        Some(jsonb_from_text(serde_json::to_string(self.0).expect("objects serialize to JSON")))
+        Some(object_datum(self.0))
+    }
+
+    fn type_oid() -> pg_sys::Oid {
+        pg_sys::JSONBOID
+    }
+}
+
+/// A JSON object as an SPI argument, owned, written as jsonb without its text.
+pub struct JsonbMap(pub serde_json::Map<String, serde_json::Value>);
+
+impl IntoDatum for JsonbMap {
+    fn into_datum(self) -> Option<pg_sys::Datum> {
+        Some(object_datum(&self.0))
     }
 
     fn type_oid() -> pg_sys::Oid {
@@ -142,82 +157,146 @@ pub fn write_msgpack(writer: &mut sync_ext_protocol::msgpack::Writer, datum: pg_
     }
 }
 
-/// A member of an object built by [`JsonbDatum::object`].
-pub enum Member {
+/// A member of an object built by [`JsonbDatum::object`], or a value written by [`jsonb_from_value`].
+pub enum Member<'a> {
     /// A jsonb datum (detoasted), placed by copying its binary form.
     Jsonb(pg_sys::Datum),
     Int(i64),
     Bool(bool),
     Text(String),
+    /// A JSON value, written as `jsonb_in` would store its text.
+    Json(&'a Value),
 }
 
 impl JsonbDatum {
-    /// A jsonb object of `members` (distinct keys), assembled in jsonb's binary form, where
-    /// `jsonb_build_object` would walk and rebuild every nested value: a pull page's changes are copied
-    /// into its body whole. The layout is Postgres's (`convertJsonbObject`): keys sorted by length, then
-    /// bytes; the keys' entries, then the values'; each entry holds its length (the first an end
-    /// offset); numbers and containers start on 4-byte boundaries, their padding counted in their length.
+    /// A jsonb object of `members` (distinct keys), built in jsonb's binary form: a nested jsonb is copied
+    /// whole where `jsonb_build_object` would walk and rebuild it (a pull page's changes into its body).
     /// Call it over an SPI connection: the object is allocated in the calling function's memory.
-    pub fn object(mut members: Vec<(&str, Member)>) -> Self {
-        members.sort_by(|(a, _), (b, _)| a.len().cmp(&b.len()).then_with(|| a.as_bytes().cmp(b.as_bytes())));
-        let count = members.len();
-        let mut buffer: Vec<u8> = vec![0; 4]; // the varlena header, set last
-        buffer.extend_from_slice(&(count as u32 | pg_sys::JB_FOBJECT).to_ne_bytes());
-        let entries_at = buffer.len();
-        buffer.resize(entries_at + 8 * count, 0);
-        let mut entries = Vec::with_capacity(2 * count);
-        for (key, _) in &members {
-            buffer.extend_from_slice(key.as_bytes());
-            entries.push(pg_sys::JENTRY_ISSTRING | key.len() as u32);
-        }
-        for (_, member) in &members {
-            let start = buffer.len();
-            let kind = match member {
-                Member::Bool(true) => pg_sys::JENTRY_ISBOOL_TRUE,
-                Member::Bool(false) => pg_sys::JENTRY_ISBOOL_FALSE,
-                Member::Text(text) => {
-                    buffer.extend_from_slice(text.as_bytes());
-                    pg_sys::JENTRY_ISSTRING
-                }
-                Member::Int(number) => {
-                    // SAFETY: int8_numeric returns a palloc'd numeric varlena with a 4-byte header.
-                    let numeric = unsafe {
-                        pgrx::fcinfo::direct_function_call_as_datum(pg_sys::int8_numeric, &[number.into_datum()]).expect("a numeric")
-                    };
-                    pad_to_int(&mut buffer);
-                    // SAFETY: as above.
-                    buffer.extend_from_slice(unsafe { varlena_bytes(numeric, false) });
-                    pg_sys::JENTRY_ISNUMERIC
-                }
-                Member::Jsonb(datum) => {
-                    pad_to_int(&mut buffer);
-                    // SAFETY: a detoasted jsonb: its data after the header is its root container.
-                    buffer.extend_from_slice(unsafe { varlena_bytes(*datum, true) });
-                    pg_sys::JENTRY_ISCONTAINER
-                }
-            };
-            entries.push(kind | (buffer.len() - start) as u32);
-        }
-        // Every 32nd entry (the first included) holds the end offset of its data instead of its length.
-        let mut end = 0;
-        for (index, entry) in entries.iter_mut().enumerate() {
-            end += *entry & pg_sys::JENTRY_OFFLENMASK;
-            if index % pg_sys::JB_OFFSET_STRIDE as usize == 0 {
-                *entry = (*entry & pg_sys::JENTRY_TYPEMASK) | end | pg_sys::JENTRY_HAS_OFF;
-            }
-        }
-        for (index, entry) in entries.iter().enumerate() {
-            buffer[entries_at + 4 * index..entries_at + 4 * index + 4].copy_from_slice(&entry.to_ne_bytes());
-        }
-        // SAFETY: a copy of the assembled bytes with its 4-byte varlena header set, in the memory of the
-        // calling function (SPI_palloc: the context that was current when SPI connected).
-        unsafe {
-            let datum = pg_sys::SPI_palloc(buffer.len()) as *mut u8;
-            std::ptr::copy_nonoverlapping(buffer.as_ptr(), datum, buffer.len());
-            pgrx::set_varsize_4b(datum.cast(), buffer.len() as i32);
-            JsonbDatum(pg_sys::Datum::from(datum))
-        }
+    pub fn object(members: Vec<(&str, Member)>) -> Self {
+        // SAFETY: SPI_palloc allocates in the context that was current when SPI connected.
+        JsonbDatum(assemble(|buffer| write_object(buffer, members), |size| unsafe { pg_sys::SPI_palloc(size) }))
     }
+}
+
+/// A JSON object as jsonb, in the current memory context (see [`jsonb_from_value`]).
+fn object_datum(object: &serde_json::Map<String, Value>) -> pg_sys::Datum {
+    let members = object.iter().map(|(key, value)| (key.as_str(), Member::Json(value))).collect();
+    // SAFETY: palloc in the current memory context.
+    assemble(|buffer| write_object(buffer, members), |size| unsafe { pg_sys::palloc(size) })
+}
+
+/// A JSON value as jsonb, in the current memory context: what `jsonb_in` makes of its text, without
+/// writing and parsing the text.
+pub fn jsonb_from_value(value: &Value) -> pg_sys::Datum {
+    // SAFETY: palloc in the current memory context.
+    assemble(
+        |buffer| match value {
+            Value::Object(_) | Value::Array(_) => write_member(buffer, Member::Json(value)),
+            // A scalar is stored as a one-element array flagged as a scalar.
+            scalar => write_container(buffer, pg_sys::JB_FARRAY | pg_sys::JB_FSCALAR, vec![Member::Json(scalar)], Vec::new()),
+        },
+        |size| unsafe { pg_sys::palloc(size) },
+    )
+}
+
+/// A jsonb datum in memory from `allocate`: its varlena header, then the root container `write_root`
+/// writes (its entry, which a root does not store, is dropped).
+fn assemble(write_root: impl FnOnce(&mut Vec<u8>) -> u32, allocate: impl FnOnce(usize) -> *mut std::ffi::c_void) -> pg_sys::Datum {
+    let mut buffer: Vec<u8> = vec![0; pg_sys::VARHDRSZ]; // the varlena header, set last
+    write_root(&mut buffer);
+    // SAFETY: a copy of the assembled bytes with its 4-byte varlena header set.
+    unsafe {
+        let datum = allocate(buffer.len()) as *mut u8;
+        std::ptr::copy_nonoverlapping(buffer.as_ptr(), datum, buffer.len());
+        pgrx::set_varsize_4b(datum.cast(), buffer.len() as i32);
+        pg_sys::Datum::from(datum)
+    }
+}
+
+/// Appends an object container; returns its entry. Keys are sorted as jsonb sorts them: by length,
+/// then bytes.
+fn write_object(buffer: &mut Vec<u8>, mut members: Vec<(&str, Member)>) -> u32 {
+    members.sort_by(|(a, _), (b, _)| a.len().cmp(&b.len()).then_with(|| a.as_bytes().cmp(b.as_bytes())));
+    let (keys, values): (Vec<&str>, Vec<Member>) = members.into_iter().unzip();
+    write_container(buffer, pg_sys::JB_FOBJECT, values, keys)
+}
+
+/// Appends a container in Postgres's layout (`convertJsonbArray` / `convertJsonbObject`), 4-byte
+/// aligned: a header (count and kind), an entry per key and then per value, the keys' bytes, the
+/// values' bytes. Each entry holds its data's length (a number or container counting the padding that
+/// aligns it), every 32nd (the first included) the end offset instead. Returns its entry.
+fn write_container(buffer: &mut Vec<u8>, kind: u32, values: Vec<Member>, keys: Vec<&str>) -> u32 {
+    let start = buffer.len();
+    pad_to_int(buffer);
+    buffer.extend_from_slice(&(values.len() as u32 | kind).to_ne_bytes());
+    let entries_at = buffer.len();
+    buffer.resize(entries_at + 4 * (keys.len() + values.len()), 0);
+    let mut entries = Vec::with_capacity(keys.len() + values.len());
+    for key in keys {
+        buffer.extend_from_slice(key.as_bytes());
+        entries.push(pg_sys::JENTRY_ISSTRING | key.len() as u32);
+    }
+    for value in values {
+        entries.push(write_member(buffer, value));
+    }
+    let mut end = 0;
+    for (index, entry) in entries.iter_mut().enumerate() {
+        end += *entry & pg_sys::JENTRY_OFFLENMASK;
+        if index % pg_sys::JB_OFFSET_STRIDE as usize == 0 {
+            *entry = (*entry & pg_sys::JENTRY_TYPEMASK) | end | pg_sys::JENTRY_HAS_OFF;
+        }
+        let at = entries_at + 4 * index;
+        buffer[at..at + 4].copy_from_slice(&entry.to_ne_bytes());
+    }
+    pg_sys::JENTRY_ISCONTAINER | (buffer.len() - start) as u32
+}
+
+/// Appends one value's data; returns its entry.
+fn write_member(buffer: &mut Vec<u8>, member: Member) -> u32 {
+    let start = buffer.len();
+    let kind = match member {
+        Member::Bool(true) | Member::Json(Value::Bool(true)) => pg_sys::JENTRY_ISBOOL_TRUE,
+        Member::Bool(false) | Member::Json(Value::Bool(false)) => pg_sys::JENTRY_ISBOOL_FALSE,
+        Member::Json(Value::Null) => pg_sys::JENTRY_ISNULL,
+        Member::Text(text) => {
+            buffer.extend_from_slice(text.as_bytes());
+            pg_sys::JENTRY_ISSTRING
+        }
+        Member::Json(Value::String(text)) => {
+            buffer.extend_from_slice(text.as_bytes());
+            pg_sys::JENTRY_ISSTRING
+        }
+        Member::Int(number) => write_numeric(buffer, &number.to_string()),
+        Member::Json(Value::Number(number)) => write_numeric(buffer, &number.to_string()),
+        Member::Jsonb(datum) => {
+            pad_to_int(buffer);
+            // SAFETY: a detoasted jsonb: its data after the header is its root container.
+            buffer.extend_from_slice(unsafe { varlena_bytes(datum, true) });
+            pg_sys::JENTRY_ISCONTAINER
+        }
+        Member::Json(Value::Array(elements)) => return write_container(buffer, pg_sys::JB_FARRAY, elements.iter().map(Member::Json).collect(), Vec::new()),
+        Member::Json(Value::Object(object)) => {
+            return write_object(buffer, object.iter().map(|(key, value)| (key.as_str(), Member::Json(value))).collect());
+        }
+    };
+    kind | (buffer.len() - start) as u32
+}
+
+/// Appends a number, 4-byte aligned, as the numeric `numeric_in` reads from its JSON text.
+fn write_numeric(buffer: &mut Vec<u8>, text: &str) -> u32 {
+    let text = std::ffi::CString::new(text).expect("a number's text holds no NUL");
+    // SAFETY: numeric_in reads a C string (typmod -1: as written) and returns a palloc'd numeric.
+    let numeric = unsafe {
+        pgrx::fcinfo::direct_function_call_as_datum(
+            pg_sys::numeric_in,
+            &[text.as_c_str().into_datum(), pg_sys::InvalidOid.into_datum(), (-1i32).into_datum()],
+        )
+        .expect("a JSON number is a numeric")
+    };
+    pad_to_int(buffer);
+    // SAFETY: as above; a numeric varlena from numeric_in has a 4-byte header.
+    buffer.extend_from_slice(unsafe { varlena_bytes(numeric, false) });
+    pg_sys::JENTRY_ISNUMERIC
 }
 
 /// Pads a jsonb buffer with zero bytes to a 4-byte boundary.
@@ -262,6 +341,41 @@ mod tests {
     use pgrx::prelude::*;
 
     use super::{JsonbDatum, Member};
+
+    /// A pseudo-random JSON value of nesting `depth` at most, from `seed` (a linear congruential generator).
+    fn value(seed: &mut u64, depth: u32) -> serde_json::Value {
+        let mut next = |bound: u64| {
+            *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (*seed >> 33) % bound
+        };
+        let numbers = ["0", "-0.0", "1", "-7", "2.50", "0.1", "1e300", "-2.5e-8", "18446744073709551615", "-9223372036854775808", "123456789.987654321"];
+        let strings = ["", "a", "é", "ab\"c\\d\te", "🙂🙂", "a longer string of text, with spaces"];
+        match if depth == 0 { next(4) } else { next(6) } {
+            0 => serde_json::Value::Null,
+            1 => serde_json::Value::Bool(next(2) == 1),
+            2 => serde_json::from_str(numbers[next(numbers.len() as u64) as usize]).unwrap(),
+            3 => serde_json::Value::String(strings[next(strings.len() as u64) as usize].repeat(1 + next(3) as usize)),
+            4 => serde_json::Value::Array((0..next(40)).map(|_| value(seed, depth - 1)).collect()),
+            _ => serde_json::Value::Object((0..next(40)).map(|n| (format!("{}{n}", "k".repeat(1 + (n as usize * 7) % 5)), value(seed, depth - 1))).collect()),
+        }
+    }
+
+    #[pg_test]
+    fn json_values_written_as_jsonb_are_what_jsonb_in_makes_of_their_text() {
+        let mut seed = 42;
+        for case in 0..300 {
+            let value = value(&mut seed, 3);
+            let text = serde_json::to_string(&value).unwrap();
+            // SAFETY: a jsonb datum in the current memory context, alive for the statement.
+            let written = unsafe { pgrx::datum::DatumWithOid::new(super::jsonb_from_value(&value), pg_sys::JSONBOID) };
+            let same = Spi::get_two_with_args::<bool, bool>(
+                "SELECT $1::text = $2::jsonb::text AND $1 = $2::jsonb, pg_column_size($1) = pg_column_size($2::jsonb)",
+                &[written, text.as_str().into()],
+            )
+            .unwrap();
+            assert_eq!(same, (Some(true), Some(true)), "case {case}: {text}");
+        }
+    }
 
     #[pg_test]
     fn objects_assembled_in_binary_are_those_jsonb_build_object_makes() {

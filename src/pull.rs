@@ -97,6 +97,7 @@ fn sync_pull_msgpack(tenant: &str, since: i64, max_changes: default!(i32, 1000))
                 Member::Int(value) => writer.number(&value.to_string()).expect("an integer is a JSON number"),
                 Member::Text(text) => writer.str(&text),
                 Member::Jsonb(datum) => crate::jsonb::write_msgpack(&mut writer, datum),
+                Member::Json(value) => writer.value(value),
             }
         }
         writer.finish()
@@ -114,7 +115,7 @@ struct Page {
 
 impl Page {
     /// The members of the body.
-    fn members(&self) -> Vec<(&'static str, Member)> {
+    fn members(&self) -> Vec<(&'static str, Member<'_>)> {
         let mut members = vec![("changes", Member::Jsonb(self.changes)), ("cursor", Member::Int(self.cursor)), ("has_more", Member::Bool(self.has_more))];
         if self.reset {
             members.push(("reset", Member::Bool(true)));

@@ -10,7 +10,7 @@ use sync_ext_protocol::batch::{Appended, BatchOutcome, TouchedRow};
 use sync_ext_protocol::{Change, Hlc, LoggedOp, RowKey, RowState, Stamp, StoredRow};
 
 use crate::errors::{SyncError, SyncResult};
-use crate::jsonb::JsonbObject;
+use crate::jsonb::{JsonbMap, JsonbObject};
 use crate::notifier::Route;
 use crate::plans;
 
@@ -269,13 +269,13 @@ impl<'a> LogColumns<'a> {
 /// left a row in its final state; a NULL value means the change's payload, a NULL field_stamps `{}`.
 struct RowColumns {
     saved: Vec<bool>,
-    values: Vec<Option<JsonB>>,
+    values: Vec<Option<JsonbMap>>,
     hlcs: Vec<Option<String>>,
     actors: Vec<Option<String>>,
     op_ids: Vec<Option<pgrx::Uuid>>,
     deleted: Vec<Option<bool>>,
     deleted_hlcs: Vec<Option<String>>,
-    field_stamps: Vec<Option<JsonB>>,
+    field_stamps: Vec<Option<JsonbMap>>,
 }
 
 impl RowColumns {
@@ -304,12 +304,12 @@ impl RowColumns {
             self.field_stamps.push(None);
             return;
         };
-        self.values.push((payload != Some(&stored.value)).then_some(JsonB(Value::Object(stored.value))));
+        self.values.push((payload != Some(&stored.value)).then_some(JsonbMap(stored.value)));
         self.hlcs.push(Some(stored.stamp.hlc.to_string()));
         self.actors.push(Some(stored.stamp.actor));
         self.op_ids.push(Some(pg_uuid(&stored.stamp.op_id)));
         self.deleted.push(Some(stored.deleted));
         self.deleted_hlcs.push(stored.deleted_hlc.map(|hlc| hlc.to_string()));
-        self.field_stamps.push((!stored.field_stamps.is_empty()).then_some(JsonB(Value::Object(stored.field_stamps))));
+        self.field_stamps.push((!stored.field_stamps.is_empty()).then_some(JsonbMap(stored.field_stamps)));
     }
 }

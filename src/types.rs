@@ -191,7 +191,7 @@ impl Codec {
                 pgrx::Uuid::from_bytes(*id.as_bytes()).into_datum().expect("uuid datum")
             }
             Codec::Json => pgrx::Json(value.clone()).into_datum().expect("json datum"),
-            Codec::Jsonb => JsonB(value.clone()).into_datum().expect("jsonb datum"),
+            Codec::Jsonb => crate::jsonb::jsonb_from_value(value),
             Codec::Bytea => portable::decode_bytes(value)?.into_datum().expect("bytea datum"),
             Codec::Timestamptz => pg_sys::Datum::from(portable::parse_timestamp(value, true)?),
             Codec::Timestamp => pg_sys::Datum::from(portable::parse_timestamp(value, false)?),

@@ -53,6 +53,11 @@ impl Writer {
         Ok(())
     }
 
+    /// A whole value, as [`encode`] writes it.
+    pub fn value(&mut self, value: &impl Serialize) {
+        self.bytes.extend(encode(value).expect("JSON values encode as MessagePack"));
+    }
+
     /// The start of an array of `len` elements.
     pub fn array(&mut self, len: u32) {
         rmp::encode::write_array_len(&mut self.bytes, len).expect("writing to a Vec cannot fail");
