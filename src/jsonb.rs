@@ -53,6 +53,13 @@ impl IntoDatum for JsonbMap {
     }
 }
 
+/// Read from an SPI result, the datum stays in SPI's memory: use it before the connection ends.
+impl FromDatum for JsonbDatum {
+    unsafe fn from_polymorphic_datum(datum: pg_sys::Datum, is_null: bool, _type_oid: pg_sys::Oid) -> Option<Self> {
+        (!is_null).then_some(JsonbDatum(datum))
+    }
+}
+
 impl IntoDatum for JsonbDatum {
     fn into_datum(self) -> Option<pg_sys::Datum> {
         Some(self.0)
@@ -133,6 +140,102 @@ impl ByteaBody {
         // SAFETY: the datum is a non-null bytea; the slice lives in the function's memory context.
         unsafe { <&[u8]>::from_datum(self.0 .0, false) }.unwrap_or_default()
     }
+}
+
+impl JsonbDatum {
+    /// The JSON value, read by walking the binary form (no JSON text in between). Numbers are read from
+    /// their numeric's text as `serde_json` reads JSON text; one it cannot hold is an error.
+    pub fn value(&self) -> Result<Value, String> {
+        value_from_jsonb(self.0)
+    }
+}
+
+fn value_from_jsonb(datum: pg_sys::Datum) -> Result<Value, String> {
+    use pg_sys::JsonbIteratorToken::{WJB_BEGIN_ARRAY, WJB_BEGIN_OBJECT, WJB_DONE, WJB_END_ARRAY, WJB_END_OBJECT, WJB_KEY};
+    /// A container being read, and the key its next value goes under (objects).
+    enum Open {
+        Array(Vec<Value>),
+        Object(serde_json::Map<String, Value>, String),
+    }
+    let mut open: Vec<Open> = Vec::new();
+    let mut done = None;
+    // SAFETY: as in `write_msgpack`.
+    unsafe {
+        let jsonb = pg_sys::pg_detoast_datum(datum.cast_mut_ptr()) as *mut pg_sys::Jsonb;
+        let mut iterator = pg_sys::JsonbIteratorInit(&mut (*jsonb).root);
+        let mut token = std::mem::MaybeUninit::<pg_sys::JsonbValue>::zeroed().assume_init();
+        loop {
+            let finished = match pg_sys::JsonbIteratorNext(&mut iterator, &mut token, false) {
+                WJB_DONE => break,
+                WJB_BEGIN_ARRAY => {
+                    open.push(Open::Array(Vec::with_capacity(token.val.array.nElems.max(0) as usize)));
+                    None
+                }
+                WJB_BEGIN_OBJECT => {
+                    open.push(Open::Object(serde_json::Map::new(), String::new()));
+                    None
+                }
+                WJB_KEY => {
+                    if let Some(Open::Object(_, key)) = open.last_mut() {
+                        *key = string_of(&token).to_owned();
+                    }
+                    None
+                }
+                WJB_END_ARRAY | WJB_END_OBJECT => match open.pop() {
+                    // A raw scalar is stored as a one-element array flagged as a scalar.
+                    Some(Open::Array(mut elements)) if token.val.array.rawScalar && open.is_empty() && elements.len() == 1 => elements.pop(),
+                    Some(Open::Array(elements)) => Some(Value::Array(elements)),
+                    Some(Open::Object(object, _)) => Some(Value::Object(object)),
+                    None => None,
+                },
+                _ => Some(scalar_value(&token)?),
+            };
+            if let Some(value) = finished {
+                match open.last_mut() {
+                    Some(Open::Array(elements)) => elements.push(value),
+                    Some(Open::Object(object, key)) => {
+                        object.insert(std::mem::take(key), value);
+                    }
+                    None => done = Some(value),
+                }
+            }
+        }
+    }
+    done.ok_or_else(|| "an empty jsonb".to_owned())
+}
+
+/// The text of a jsonb string.
+///
+/// # Safety
+/// `value` is a string the jsonb iterator yielded.
+unsafe fn string_of(value: &pg_sys::JsonbValue) -> &str {
+    let bytes = std::slice::from_raw_parts(value.val.string.val as *const u8, value.val.string.len as usize);
+    std::str::from_utf8(bytes).expect("jsonb strings are UTF-8")
+}
+
+/// The text of a jsonb number, as `numeric_out` writes it.
+///
+/// # Safety
+/// `value` is a number the jsonb iterator yielded.
+unsafe fn numeric_text(value: &pg_sys::JsonbValue) -> &'static std::ffi::CStr {
+    pgrx::fcinfo::direct_function_call::<&std::ffi::CStr>(pg_sys::numeric_out, &[Some(pg_sys::Datum::from(value.val.numeric))])
+        .expect("numeric_out returns text")
+}
+
+/// One scalar jsonb value as a JSON value.
+///
+/// # Safety
+/// `value` is a scalar the jsonb iterator yielded.
+unsafe fn scalar_value(value: &pg_sys::JsonbValue) -> Result<Value, String> {
+    Ok(match value.type_ {
+        pg_sys::jbvType::jbvString => Value::String(string_of(value).to_owned()),
+        pg_sys::jbvType::jbvNumeric => {
+            let text = numeric_text(value).to_str().expect("numbers are ASCII");
+            Value::Number(text.parse().map_err(|error| format!("number {text}: {error}"))?)
+        }
+        pg_sys::jbvType::jbvBool => Value::Bool(value.val.boolean),
+        _ => Value::Null,
+    })
 }
 
 /// Appends a jsonb datum to a MessagePack writer by walking its binary form: no JSON text, no
@@ -321,15 +424,8 @@ unsafe fn varlena_bytes<'a>(datum: pg_sys::Datum, data_only: bool) -> &'a [u8] {
 /// `value` is a scalar the jsonb iterator yielded.
 unsafe fn write_scalar(writer: &mut sync_ext_protocol::msgpack::Writer, value: &pg_sys::JsonbValue) {
     match value.type_ {
-        pg_sys::jbvType::jbvString => {
-            let text = std::slice::from_raw_parts(value.val.string.val as *const u8, value.val.string.len as usize);
-            writer.str(std::str::from_utf8(text).expect("jsonb strings are UTF-8"));
-        }
-        pg_sys::jbvType::jbvNumeric => {
-            let text = pgrx::fcinfo::direct_function_call::<&std::ffi::CStr>(pg_sys::numeric_out, &[Some(pg_sys::Datum::from(value.val.numeric))])
-                .expect("numeric_out returns text");
-            writer.number(text.to_str().expect("numbers are ASCII")).expect("a jsonb number is a JSON number");
-        }
+        pg_sys::jbvType::jbvString => writer.str(string_of(value)),
+        pg_sys::jbvType::jbvNumeric => writer.number(numeric_text(value).to_str().expect("numbers are ASCII")).expect("a jsonb number is a JSON number"),
         pg_sys::jbvType::jbvBool => writer.bool(value.val.boolean),
         _ => writer.null(),
     }
@@ -361,19 +457,23 @@ mod tests {
     }
 
     #[pg_test]
-    fn json_values_written_as_jsonb_are_what_jsonb_in_makes_of_their_text() {
+    fn json_values_written_as_jsonb_are_what_jsonb_in_makes_of_their_text_and_read_back_as_its_text_reads() {
         let mut seed = 42;
         for case in 0..300 {
             let value = value(&mut seed, 3);
             let text = serde_json::to_string(&value).unwrap();
+            let datum = super::jsonb_from_value(&value);
             // SAFETY: a jsonb datum in the current memory context, alive for the statement.
-            let written = unsafe { pgrx::datum::DatumWithOid::new(super::jsonb_from_value(&value), pg_sys::JSONBOID) };
+            let written = unsafe { pgrx::datum::DatumWithOid::new(datum, pg_sys::JSONBOID) };
             let same = Spi::get_two_with_args::<bool, bool>(
                 "SELECT $1::text = $2::jsonb::text AND $1 = $2::jsonb, pg_column_size($1) = pg_column_size($2::jsonb)",
                 &[written, text.as_str().into()],
             )
             .unwrap();
             assert_eq!(same, (Some(true), Some(true)), "case {case}: {text}");
+            // Read back by walking it: what serde_json reads from jsonb's own text.
+            let out = Spi::get_one_with_args::<String>("SELECT $1::text", &[unsafe { pgrx::datum::DatumWithOid::new(datum, pg_sys::JSONBOID) }]).unwrap().unwrap();
+            assert_eq!(JsonbDatum(datum).value(), Ok(serde_json::from_str::<serde_json::Value>(&out).unwrap()), "case {case} read back: {out}");
         }
     }
 

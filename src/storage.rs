@@ -4,13 +4,12 @@ use std::collections::HashMap;
 
 use pgrx::datum::DatumWithOid;
 use pgrx::spi::SpiClient;
-use pgrx::JsonB;
 use serde_json::{Map, Value};
 use sync_ext_protocol::batch::{Appended, BatchOutcome, TouchedRow};
 use sync_ext_protocol::{Change, Hlc, LoggedOp, RowKey, RowState, Stamp, StoredRow};
 
 use crate::errors::{SyncError, SyncResult};
-use crate::jsonb::{JsonbMap, JsonbObject};
+use crate::jsonb::{JsonbDatum, JsonbMap, JsonbObject};
 use crate::notifier::Route;
 use crate::plans;
 
@@ -131,7 +130,7 @@ pub fn load_rows(client: &SpiClient<'_>, tenant: &str, changes: &[Change]) -> Sy
                 .transpose()
         };
         let stored = StoredRow {
-            value: object_column(row.get::<JsonB>(3)?).ok_or_else(|| corrupt("value is not an object".into()))?,
+            value: object_column(row.get::<JsonbDatum>(3)?).map_err(|problem| corrupt(format!("value: {problem}")))?,
             stamp: Stamp {
                 hlc: hlc_column(4)?.ok_or_else(|| corrupt("hlc is null".into()))?,
                 actor: row.get(5)?.unwrap_or_default(),
@@ -139,7 +138,7 @@ pub fn load_rows(client: &SpiClient<'_>, tenant: &str, changes: &[Change]) -> Sy
             },
             deleted: row.get(7)?.unwrap_or(false),
             deleted_hlc: hlc_column(8)?,
-            field_stamps: object_column(row.get::<JsonB>(9)?).ok_or_else(|| corrupt("field_stamps is not an object".into()))?,
+            field_stamps: object_column(row.get::<JsonbDatum>(9)?).map_err(|problem| corrupt(format!("field_stamps: {problem}")))?,
         };
         let state = stored.into_state().map_err(corrupt)?;
         rows.insert((model, id), state);
@@ -147,10 +146,11 @@ pub fn load_rows(client: &SpiClient<'_>, tenant: &str, changes: &[Change]) -> Sy
     Ok(rows)
 }
 
-fn object_column(value: Option<JsonB>) -> Option<Map<String, Value>> {
-    match value?.0 {
-        Value::Object(map) => Some(map),
-        _ => None,
+/// A jsonb column that must hold an object, read without JSON text.
+fn object_column(datum: Option<JsonbDatum>) -> Result<Map<String, Value>, String> {
+    match datum.map(|datum| datum.value()).transpose()? {
+        Some(Value::Object(map)) => Ok(map),
+        _ => Err("is not an object".to_owned()),
     }
 }
 
