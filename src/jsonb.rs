@@ -125,6 +125,11 @@ impl JsonbBody {
     /// Parses the JSON; input that cannot be carried exactly (nesting deeper than `MAX_JSON_DEPTH` levels, a number
     /// no double or 64-bit integer holds: see [`sync_ext_protocol::numbers`]) is an error naming `argument`.
     pub fn parse(&self, argument: &'static str) -> Result<serde_json::Value, SyncError> {
+        // Read from the binary form; input it refuses is read again from its text, whose checks name
+        // the place of the problem.
+        if let Ok(value) = value_from_jsonb(self.0 .0, Checks::Input) {
+            return Ok(value);
+        }
         // SAFETY: the datum is a jsonb (the function is declared with a jsonb argument); jsonb_out
         // returns a palloc'd C string.
         let text = unsafe { pgrx::fcinfo::direct_function_call::<&std::ffi::CStr>(pg_sys::jsonb_out, &[Some(self.0 .0)]) };
@@ -146,11 +151,20 @@ impl JsonbDatum {
     /// The JSON value, read by walking the binary form (no JSON text in between). Numbers are read from
     /// their numeric's text as `serde_json` reads JSON text; one it cannot hold is an error.
     pub fn value(&self) -> Result<Value, String> {
-        value_from_jsonb(self.0)
+        value_from_jsonb(self.0, Checks::None)
     }
 }
 
-fn value_from_jsonb(datum: pg_sys::Datum) -> Result<Value, String> {
+/// What reading a jsonb also checks.
+#[derive(Clone, Copy, PartialEq)]
+enum Checks {
+    None,
+    /// Fails at a number not carried exactly ([`sync_ext_protocol::numbers::is_exact`]) or at nesting
+    /// near [`sync_ext_protocol::numbers::MAX_JSON_DEPTH`] (stricter than the text check, never laxer).
+    Input,
+}
+
+fn value_from_jsonb(datum: pg_sys::Datum, checks: Checks) -> Result<Value, String> {
     use pg_sys::JsonbIteratorToken::{WJB_BEGIN_ARRAY, WJB_BEGIN_OBJECT, WJB_DONE, WJB_END_ARRAY, WJB_END_OBJECT, WJB_KEY};
     /// A container being read, and the key its next value goes under (objects).
     enum Open {
@@ -167,6 +181,9 @@ fn value_from_jsonb(datum: pg_sys::Datum) -> Result<Value, String> {
         loop {
             let finished = match pg_sys::JsonbIteratorNext(&mut iterator, &mut token, false) {
                 WJB_DONE => break,
+                WJB_BEGIN_ARRAY | WJB_BEGIN_OBJECT if checks == Checks::Input && open.len() + 2 >= sync_ext_protocol::numbers::MAX_JSON_DEPTH => {
+                    return Err("nested too deep".to_owned());
+                }
                 WJB_BEGIN_ARRAY => {
                     open.push(Open::Array(Vec::with_capacity(token.val.array.nElems.max(0) as usize)));
                     None
@@ -188,7 +205,7 @@ fn value_from_jsonb(datum: pg_sys::Datum) -> Result<Value, String> {
                     Some(Open::Object(object, _)) => Some(Value::Object(object)),
                     None => None,
                 },
-                _ => Some(scalar_value(&token)?),
+                _ => Some(scalar_value(&token, checks)?),
             };
             if let Some(value) = finished {
                 match open.last_mut() {
@@ -226,11 +243,14 @@ unsafe fn numeric_text(value: &pg_sys::JsonbValue) -> &'static std::ffi::CStr {
 ///
 /// # Safety
 /// `value` is a scalar the jsonb iterator yielded.
-unsafe fn scalar_value(value: &pg_sys::JsonbValue) -> Result<Value, String> {
+unsafe fn scalar_value(value: &pg_sys::JsonbValue, checks: Checks) -> Result<Value, String> {
     Ok(match value.type_ {
         pg_sys::jbvType::jbvString => Value::String(string_of(value).to_owned()),
         pg_sys::jbvType::jbvNumeric => {
             let text = numeric_text(value).to_str().expect("numbers are ASCII");
+            if checks == Checks::Input && !sync_ext_protocol::numbers::is_exact(text) {
+                return Err(format!("number {text} is not carried exactly"));
+            }
             Value::Number(text.parse().map_err(|error| format!("number {text}: {error}"))?)
         }
         pg_sys::jbvType::jbvBool => Value::Bool(value.val.boolean),
@@ -474,6 +494,11 @@ mod tests {
             // Read back by walking it: what serde_json reads from jsonb's own text.
             let out = Spi::get_one_with_args::<String>("SELECT $1::text", &[unsafe { pgrx::datum::DatumWithOid::new(datum, pg_sys::JSONBOID) }]).unwrap().unwrap();
             assert_eq!(JsonbDatum(datum).value(), Ok(serde_json::from_str::<serde_json::Value>(&out).unwrap()), "case {case} read back: {out}");
+            // As a push's input: taken exactly when the text's checks pass, refused (and read again from the
+            // text) when they fail.
+            let taken = super::value_from_jsonb(datum, super::Checks::Input).ok();
+            let text_passes = sync_ext_protocol::numbers::check_json_numbers(&out, "changes").is_ok();
+            assert_eq!(taken, text_passes.then(|| serde_json::from_str(&out).unwrap()), "case {case} as input: {out}");
         }
     }
 
