@@ -341,6 +341,25 @@ pub fn off_runtime<T: Send>(work: impl FnOnce() -> T + Send) -> T {
     std::thread::scope(|scope| scope.spawn(work).join().expect("blocking work finishes"))
 }
 
+/// The live rows of `model` in `tenant` on the `sync` database, from its snapshots, by pk (read off the
+/// async runtime).
+pub fn server_rows(cluster: &Cluster, tenant: &str, model: &str) -> std::collections::BTreeMap<String, serde_json::Map<String, Value>> {
+    off_runtime(|| {
+        cluster
+            .connect("sync")
+            .query("SELECT id, value FROM sync_ext.snapshots WHERE tenant_id = $1 AND model = $2 AND NOT deleted", &[&tenant, &model])
+            .unwrap()
+            .iter()
+            .map(|row| (row.get::<_, String>(0), row.get::<_, Value>(1).as_object().cloned().unwrap()))
+            .collect()
+    })
+}
+
+/// Runs SQL statements on the `sync` database (off the async runtime).
+pub fn execute(cluster: &Cluster, sql: &str) {
+    off_runtime(|| cluster.connect("sync").batch_execute(sql).expect("statements run"));
+}
+
 /// A cluster with a `sync` database, and its connection string, started off the async runtime.
 pub fn sync_cluster() -> (Cluster, String) {
     off_runtime(|| {

@@ -11,7 +11,7 @@ use proptest::test_runner::{Config, TestRunner};
 use serde_json::{json, Map, Value};
 use sync_ext_client::protocol::{Change, Op, PullResponse, PushResponse};
 use sync_ext_client::{Error, LiveOptions, LocalStore, PgRemote, Remote, RemoteFuture, SyncClient};
-use sync_ext_pgrx_tests::{off_runtime, sync_cluster, Cluster};
+use sync_ext_pgrx_tests::{execute, off_runtime, server_rows, sync_cluster, Cluster};
 
 type Row = Map<String, Value>;
 
@@ -21,24 +21,6 @@ fn client<R: Remote>(tenant: &str, actor: &str, store: LocalStore, remote: R) ->
 
 fn rows(client: &SyncClient<impl Remote>, model: &str) -> BTreeMap<String, Row> {
     client.list::<Row>(model).expect("local rows").into_iter().collect()
-}
-
-/// The server's live rows of a model, from its snapshots.
-fn server_rows(cluster: &Cluster, tenant: &str, model: &str) -> BTreeMap<String, Row> {
-    off_runtime(|| {
-        cluster
-            .connect("sync")
-            .query("SELECT id, value FROM sync_ext.snapshots WHERE tenant_id = $1 AND model = $2 AND NOT deleted", &[&tenant, &model])
-            .unwrap()
-            .iter()
-            .map(|row| (row.get::<_, String>(0), row.get::<_, Value>(1).as_object().cloned().unwrap()))
-            .collect()
-    })
-}
-
-/// Runs SQL statements on the `sync` database.
-fn execute(cluster: &Cluster, sql: &str) {
-    off_runtime(|| cluster.connect("sync").batch_execute(sql).expect("statements run"));
 }
 
 /// A single bigint from a query on the `sync` database.

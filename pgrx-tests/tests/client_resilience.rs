@@ -8,7 +8,7 @@ use std::time::Duration;
 use serde_json::{json, Map, Value};
 use sync_ext_client::protocol::hlc::wall_clock_millis;
 use sync_ext_client::{Activity, Error, ErrorClass, LiveOptions, LiveState, LocalStore, PgRemote, Remote, SyncClient};
-use sync_ext_pgrx_tests::{off_runtime, sync_cluster, Cluster};
+use sync_ext_pgrx_tests::{execute, off_runtime, server_rows, sync_cluster};
 
 type Row = Map<String, Value>;
 
@@ -16,25 +16,8 @@ fn client<R: Remote>(actor: &str, remote: R) -> SyncClient<R> {
     SyncClient::builder().tenant("acme").actor(actor).local(LocalStore::memory()).remote(remote).build().expect("client builds")
 }
 
-fn rows(client: &SyncClient<impl Remote>) -> Vec<(String, Row)> {
-    client.list::<Row>("todo").expect("local rows")
-}
-
-/// The server's live rows of `todo`, by pk.
-fn server_rows(cluster: &Cluster) -> Vec<(String, Row)> {
-    off_runtime(|| {
-        cluster
-            .connect("sync")
-            .query("SELECT id, value FROM sync_ext.snapshots WHERE tenant_id = 'acme' AND model = 'todo' AND NOT deleted ORDER BY id", &[])
-            .unwrap()
-            .iter()
-            .map(|row| (row.get::<_, String>(0), row.get::<_, Value>(1).as_object().cloned().unwrap()))
-            .collect()
-    })
-}
-
-fn execute(cluster: &Cluster, sql: &str) {
-    off_runtime(|| cluster.connect("sync").batch_execute(sql).expect("statements run"));
+fn rows(client: &SyncClient<impl Remote>) -> std::collections::BTreeMap<String, Row> {
+    client.list::<Row>("todo").expect("local rows").into_iter().collect()
 }
 
 /// Waits (at most a generous 30 s) until `done` holds.
@@ -122,7 +105,7 @@ async fn a_paused_server_makes_calls_time_out_and_live_loops_stop_at_once() {
     drop(paused);
     device.sync().await.unwrap();
     assert_eq!(device.pending().unwrap(), 0, "synced once the server is back");
-    assert_eq!(rows(&device), server_rows(&cluster));
+    assert_eq!(rows(&device), server_rows(&cluster, "acme", "todo"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -158,7 +141,7 @@ async fn a_push_over_the_servers_size_limit_is_split_and_the_change_it_never_tak
     assert!(rejected.reason.starts_with("refused: 54000: changes: the body is"), "{}", rejected.reason);
     assert_eq!(device.pending().unwrap(), 0, "nothing is stuck behind it");
     assert_eq!(device.rejections().unwrap(), report.rejected);
-    let server = server_rows(&cluster);
+    let server = server_rows(&cluster, "acme", "todo");
     assert_eq!(server.len(), 19);
     assert_eq!(rows(&device), server);
 }
@@ -186,15 +169,15 @@ async fn a_device_clock_an_hour_ahead_is_corrected_after_its_first_rejection() {
     ahead.retry_rejection(report.rejected[0].id).unwrap();
     let report = ahead.sync().await.unwrap();
     assert!(report.rejected.is_empty(), "{:?}", report.rejected);
-    assert_eq!(server_rows(&cluster).len(), 2);
+    assert_eq!(server_rows(&cluster, "acme", "todo").len(), 2);
 
     // Its stamps are now comparable with a device whose clock is right: a later edit there wins.
     laptop.sync().await.unwrap();
     laptop.update("todo", "2", &json!({"title": "edited on the laptop"})).unwrap();
     laptop.sync().await.unwrap();
     ahead.sync().await.unwrap();
-    assert_eq!(rows(&ahead), server_rows(&cluster));
-    assert_eq!(server_rows(&cluster)[1].1["title"], "edited on the laptop");
+    assert_eq!(rows(&ahead), server_rows(&cluster, "acme", "todo"));
+    assert_eq!(server_rows(&cluster, "acme", "todo")["2"]["title"], "edited on the laptop");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -216,7 +199,7 @@ async fn the_credentials_hook_sets_up_every_new_connection() {
     device.insert("todo", "1", &json!({"title": "milk"})).unwrap();
     device.sync().await.expect("the hook's configuration connects");
     assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 1, "one connection, one refresh");
-    assert_eq!(server_rows(&cluster).len(), 1);
+    assert_eq!(server_rows(&cluster, "acme", "todo").len(), 1);
 
     // The server drops the connection: the next call connects again, through the hook.
     off_runtime(|| {
