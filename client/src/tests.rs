@@ -208,8 +208,12 @@ fn rows<R: Remote>(client: &SyncClient<R>) -> BTreeMap<String, Map<String, Value
     client.list::<Map<String, Value>>("todo").unwrap().into_iter().collect()
 }
 
-fn temp_db() -> std::path::PathBuf {
-    std::env::temp_dir().join(format!("sync_ext_client_digest_{}.db", Uuid::new_v4()))
+/// A SQLite file in a directory removed when the returned guard drops (declare it first, so that it
+/// outlives the clients using the file).
+fn temp_db() -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let path = dir.path().join("replica.db");
+    (dir, path)
 }
 
 /// Alters the stored rows behind the client's back, as a damaged or hand-edited file would: the
@@ -250,7 +254,7 @@ async fn seed<R: Remote>(client: &SyncClient<R>) {
 
 #[tokio::test]
 async fn the_client_digest_is_the_protocol_digest_of_its_confirmed_rows() {
-    let path = temp_db();
+    let (_dir, path) = temp_db();
     for store in [LocalStore::memory(), LocalStore::sqlite(&path).unwrap()] {
         let server = server(true);
         let device = client("device", store, primary(&server));
@@ -271,12 +275,11 @@ async fn the_client_digest_is_the_protocol_digest_of_its_confirmed_rows() {
         let local: Vec<(String, Map<String, Value>)> = rows(&device).into_iter().collect();
         assert_ne!(computed, digest_of(local.iter().map(|(pk, value)| ("todo", pk.as_str(), value))), "unsent changes are left out");
     }
-    std::fs::remove_file(&path).ok();
 }
 
 #[tokio::test]
 async fn a_replica_altered_behind_the_client_is_repaired_by_a_reset_that_keeps_unsent_changes() {
-    let path = temp_db();
+    let (_dir, path) = temp_db();
     let server = server(true);
     let device = Arc::new(client("device", LocalStore::sqlite(&path).unwrap(), primary(&server)));
     seed(&*device).await;
@@ -305,8 +308,6 @@ async fn a_replica_altered_behind_the_client_is_repaired_by_a_reset_that_keeps_u
     assert_eq!((report.pushed, device.pending().unwrap()), (1, 0));
     assert_eq!(rows(&*device), server.lock().unwrap().visible("todo"));
     assert_eq!(rows(&*device)["5"]["title"], "written during the repair");
-    drop(device);
-    std::fs::remove_file(&path).ok();
 }
 
 #[tokio::test]
@@ -402,7 +403,7 @@ fn sqlite_client(actor: &str, path: &std::path::Path, server: &Arc<Mutex<Server>
 
 #[tokio::test]
 async fn a_rejection_is_recorded_with_its_row_restored_before_the_pull_and_survives_a_crash() {
-    let path = temp_db();
+    let (_dir, path) = temp_db();
     let server = server(false);
     let seen: Arc<Mutex<Vec<i64>>> = Arc::default();
     {
@@ -434,8 +435,6 @@ async fn a_rejection_is_recorded_with_its_row_restored_before_the_pull_and_survi
     assert!(report.rejected.is_empty());
     assert_eq!(rows(&reopened), server.lock().unwrap().visible("todo"));
     assert_eq!(seen.lock().unwrap().len(), 1, "no callback again");
-    drop(reopened);
-    std::fs::remove_file(&path).ok();
 }
 
 #[tokio::test]
@@ -505,7 +504,7 @@ async fn a_rejected_change_can_be_retried_as_a_new_change() {
 
 #[tokio::test]
 async fn a_device_clock_an_hour_ahead_is_rebased_on_the_server_clock() {
-    let path = temp_db();
+    let (_dir, path) = temp_db();
     let server = server(false);
     server.lock().unwrap().server_clock = true;
     let hour = 3_600_000;
@@ -537,8 +536,6 @@ async fn a_device_clock_an_hour_ahead_is_rebased_on_the_server_clock() {
     let after_restart = reopened.insert("todo", "3", &json!({"title": "after a restart"})).unwrap();
     assert!(after_restart.hlc.millis() < wall_clock_millis() + 60_000, "the offset is kept: {}", after_restart.hlc);
     assert!(reopened.sync().await.unwrap().rejected.is_empty());
-    drop(reopened);
-    std::fs::remove_file(&path).ok();
 }
 
 #[tokio::test]
