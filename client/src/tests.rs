@@ -196,6 +196,13 @@ fn primary(server: &Arc<Mutex<Server>>) -> Fake {
     Fake { server: server.clone(), standby: false }
 }
 
+/// Another device inserts a `todo` row and syncs it to `server`.
+async fn another_device_inserts(server: &Arc<Mutex<Server>>, pk: &str, title: &str) {
+    let other = client("other", LocalStore::memory(), primary(server));
+    other.insert("todo", pk, &json!({"title": title})).unwrap();
+    other.sync().await.unwrap();
+}
+
 fn client<R: Remote>(actor: &str, store: LocalStore, remote: R) -> SyncClient<R> {
     SyncClientBuilder::<R>::new().tenant("acme").actor(actor).local(store).remote(remote).pull_page(2).build().unwrap()
 }
@@ -321,9 +328,7 @@ async fn the_check_is_skipped_when_nothing_was_pulled_and_the_digest_was_verifie
     assert!(!report.repaired && report.pulled == 0, "nothing pulled, same digest: not recomputed, so not seen");
     assert_eq!(server.lock().unwrap().pulls.len(), pulls + 1);
 
-    let other = client("other", LocalStore::memory(), primary(&server));
-    other.insert("todo", "7", &json!({"title": "new"})).unwrap();
-    other.sync().await.unwrap();
+    another_device_inserts(&server, "7", "new").await;
     let report = device.sync().await.unwrap();
     assert!(report.repaired, "a pull brings a new digest: checked, and repaired");
     assert_eq!(rows(&device), server.lock().unwrap().visible("todo"));
@@ -334,9 +339,7 @@ async fn a_mismatch_that_outlives_the_repair_is_an_error_after_one_repair() {
     let server = server(true);
     let device = client("device", LocalStore::memory(), primary(&server));
     seed(&device).await;
-    let other = client("other", LocalStore::memory(), primary(&server));
-    other.insert("todo", "7", &json!({"title": "new"})).unwrap();
-    other.sync().await.unwrap();
+    another_device_inserts(&server, "7", "new").await;
     server.lock().unwrap().skew = 1;
     let error = device.sync().await.unwrap_err();
     let expected = to_wire(server.lock().unwrap().digest().wrapping_add(1));
@@ -352,9 +355,7 @@ async fn without_a_digest_nothing_is_checked() {
     let device = client("device", LocalStore::memory(), primary(&server));
     seed(&device).await;
     corrupt(&device);
-    let other = client("other", LocalStore::memory(), primary(&server));
-    other.insert("todo", "7", &json!({"title": "new"})).unwrap();
-    other.sync().await.unwrap();
+    another_device_inserts(&server, "7", "new").await;
     let report = device.sync().await.unwrap();
     assert!(!report.repaired);
     assert!(server.lock().unwrap().pulls.iter().all(|(since, _)| *since != i64::MAX));
@@ -368,9 +369,7 @@ async fn a_read_replica_repairs_from_the_primary_and_a_standby_alone_cannot() {
     let device = client("device", LocalStore::memory(), remote);
     seed(&device).await;
     corrupt(&device);
-    let other = client("other", LocalStore::memory(), primary(&server));
-    other.insert("todo", "7", &json!({"title": "new"})).unwrap();
-    other.sync().await.unwrap();
+    another_device_inserts(&server, "7", "new").await;
     let report = device.sync().await.unwrap();
     assert!(report.repaired);
     let repairs: Vec<_> = server.lock().unwrap().pulls.iter().filter(|(since, _)| *since == i64::MAX).copied().collect();
@@ -381,8 +380,7 @@ async fn a_read_replica_repairs_from_the_primary_and_a_standby_alone_cannot() {
     let standby_only = client("standby-only", LocalStore::memory(), Fake { server: server.clone(), standby: true });
     standby_only.sync().await.unwrap();
     corrupt(&standby_only);
-    other.insert("todo", "8", &json!({"title": "newer"})).unwrap();
-    other.sync().await.unwrap();
+    another_device_inserts(&server, "8", "newer").await;
     let error = standby_only.sync().await.unwrap_err();
     assert!(matches!(&error, Error::Protocol(message) if message.contains("without one")), "{error}");
     assert_eq!(standby_only.store.transaction(read_cursor).unwrap(), server.lock().unwrap().last_seq(), "the cursor did not move past the log");
