@@ -123,7 +123,7 @@ impl<R: Remote> SyncClientBuilder<R> {
         self
     }
 
-    /// Builds the client. A store first used with another tenant is refused.
+    /// Builds the client. A store first used with another tenant is refused ([`Error::Config`]).
     pub fn build(self) -> Result<SyncClient<R>> {
         let tenant = self.tenant.ok_or(Error::Builder("tenant"))?;
         let actor = self.actor.ok_or(Error::Builder("actor"))?;
@@ -133,7 +133,9 @@ impl<R: Remote> SyncClientBuilder<R> {
         let remote = self.remote.ok_or(Error::Builder("remote"))?;
         let (offset, pending, rejections) = store.transaction(|t| {
             match t.meta(META_TENANT)? {
-                Some(owner) if owner != tenant => return Err(Error::store(format!("this local store holds tenant {owner}, not {tenant}"))),
+                Some(owner) if owner != tenant => {
+                    return Err(Error::Config { message: format!("this local store holds tenant {owner}, not {tenant}: use one store per tenant"), source: None })
+                }
                 Some(_) => {}
                 None => t.set_meta(META_TENANT, &tenant)?,
             }

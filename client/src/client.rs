@@ -66,10 +66,17 @@ impl<R: Remote> SyncClient<R> {
         self.events.subscribe()
     }
 
-    pub(crate) fn emit(&self, origin: Origin, rows: Vec<(String, String)>, all: bool) {
+    pub(crate) fn emit(&self, origin: Origin, mut rows: Vec<(String, String)>, all: bool) {
+        rows.sort_unstable();
+        rows.dedup();
         if all || !rows.is_empty() {
             let _ = self.events.send(RowsChanged { origin, rows, all });
         }
+    }
+
+    /// Notes in the status that the server answered (a call succeeded).
+    pub(crate) fn reached_server(&self) {
+        self.status.send_if_modified(|status| !std::mem::replace(&mut status.connected, true));
     }
 
     /// Updates the status's counts after a local transaction that changed them.

@@ -86,5 +86,7 @@ pub use status::{Activity, LiveState, Origin, RowsChanged, StatusError, SyncStat
 pub use store::{LocalRow, LocalStore, Transaction};
 pub use sync::{SyncReport, DEFAULT_SYNC_TIMEOUT};
 pub use sync_ext_protocol as protocol;
+/// The kind of a change (insert, update, delete), for [`SyncClient::apply_change`] and transactions.
+pub use sync_ext_protocol::Op;
 /// The driver [`PgRemote`] uses, for [`PgRemote::from_config`].
 pub use tokio_postgres;

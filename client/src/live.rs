@@ -13,16 +13,17 @@ use crate::remote::{connect, pg_error, DEFAULT_CONNECT_TIMEOUT};
 use crate::status::{LiveState, SyncStatus, Wakeups};
 use crate::{Remote, SyncClient};
 
-/// How the background loop runs.
+/// How the background loop runs. The default: no LISTEN, a sync every 30 s, retries backing off to 30 s.
 #[derive(Clone, Debug)]
 pub struct LiveOptions {
     /// A connection string to LISTEN on, straight to the database (not through a transaction-mode
     /// pooler, which cannot hold a LISTEN). Without it the loop syncs on the timer only, and the status
     /// says wake-ups are unavailable.
     pub listen_url: Option<String>,
-    /// Sync at least this often, notified or not.
+    /// Sync at least this often, notified or not (30 s by default).
     pub interval: Duration,
-    /// The longest wait between retries while syncs fail (the wait doubles from 100 ms up to it).
+    /// The longest wait between retries while syncs fail (the wait doubles from 100 ms up to it; 30 s
+    /// by default).
     pub max_backoff: Duration,
 }
 

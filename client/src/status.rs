@@ -113,7 +113,7 @@ pub enum Origin {
 pub struct RowsChanged {
     /// Why.
     pub origin: Origin,
-    /// The rows, as (model, pk); empty when `all` is set.
+    /// The rows, as (model, pk), each once, in order; empty when `all` is set.
     pub rows: Vec<(String, String)>,
     /// Any row may have changed (a reset, a clear): reload everything shown.
     pub all: bool,

@@ -166,6 +166,7 @@ impl<R: Remote> SyncClient<R> {
         while let Some(part) = parts.pop() {
             match self.remote.push(&self.tenant, part).await {
                 Ok(response) => {
+                    self.reached_server();
                     if response.results.len() != part.len() {
                         return Err(Error::Protocol(format!("push response: {} results for {} changes", response.results.len(), part.len())));
                     }
@@ -239,8 +240,11 @@ impl<R: Remote> SyncClient<R> {
     pub(crate) async fn pull_pages(&self, mut cursor: i64, repair: bool, report: &mut SyncReport) -> Result<Pulled> {
         let mut changed = false;
         let mut received = 0;
-        loop {
+        let downloading = |received: usize, cursor: i64| {
             self.status.send_modify(|status| status.activity = Activity::Downloading { received, reset: repair || cursor < 0 });
+        };
+        loop {
+            downloading(received, cursor);
             let page = if repair {
                 let page = self.remote.pull_primary(&self.tenant, cursor, self.pull_page).await?;
                 if !page.reset {
@@ -252,6 +256,7 @@ impl<R: Remote> SyncClient<R> {
             } else {
                 self.remote.pull(&self.tenant, cursor, self.pull_page).await?
             };
+            self.reached_server();
             self.in_place(|t| {
                 let mut clock = read_clock(t)?;
                 if page.reset {
@@ -275,6 +280,7 @@ impl<R: Remote> SyncClient<R> {
             let rows = page.changes.iter().map(|pulled| (pulled.model.clone(), pulled.pk.clone())).collect();
             self.emit(if page.reset { Origin::Reset } else { Origin::Pull }, rows, page.reset);
             received += page.changes.len();
+            downloading(received, page.cursor);
             report.pulled += page.changes.len();
             changed |= page.reset || !page.changes.is_empty();
             cursor = page.cursor;

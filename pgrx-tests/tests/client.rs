@@ -157,7 +157,7 @@ async fn an_unreachable_server_leaves_local_writes_intact_until_it_is_back() {
     assert_eq!(reopened.pending().unwrap(), 0);
     assert_eq!(server_rows(&cluster, "acme", "todo")["1"]["title"], "written offline");
     let other_tenant = SyncClient::builder().tenant("globex").actor("phone").local(LocalStore::sqlite(&path).unwrap()).remote(PgRemote::new(&url)).build();
-    assert!(matches!(other_tenant, Err(Error::Store { .. })), "a store is bound to its tenant");
+    assert!(matches!(other_tenant, Err(Error::Config { .. })), "a store is bound to its tenant");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
