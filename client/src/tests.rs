@@ -634,3 +634,47 @@ async fn a_permanent_error_halts_the_live_loop_until_sync_now() {
     assert!(matches!(status.borrow().live, LiveState::Running { halted: false, .. }));
     live.stop().await;
 }
+
+/// A remote that notes the client's status each time a pull reaches it, then pulls from `inner`.
+struct Watching {
+    inner: Fake,
+    status: Arc<Mutex<Option<tokio::sync::watch::Receiver<SyncStatus>>>>,
+    seen: Arc<Mutex<Vec<(bool, Activity)>>>,
+}
+
+impl Remote for Watching {
+    fn push<'a>(&'a self, tenant: &'a str, changes: &'a [Change]) -> RemoteFuture<'a, PushResponse> {
+        self.inner.push(tenant, changes)
+    }
+
+    fn pull<'a>(&'a self, tenant: &'a str, since: i64, max_changes: i32) -> RemoteFuture<'a, PullResponse> {
+        if let Some(status) = self.status.lock().unwrap().as_ref() {
+            let now = status.borrow().clone();
+            self.seen.lock().unwrap().push((now.connected, now.activity));
+        }
+        self.inner.pull(tenant, since, max_changes)
+    }
+}
+
+#[tokio::test]
+async fn the_status_is_connected_once_the_server_answers_and_counts_what_pulls_bring() {
+    let server = server(false);
+    let writer = client("writer", LocalStore::memory(), primary(&server));
+    for n in 0..5 {
+        writer.insert("todo", &n.to_string(), &json!({"n": n})).unwrap();
+    }
+    writer.sync().await.unwrap();
+    let (status, seen) = (Arc::new(Mutex::new(None)), Arc::new(Mutex::new(Vec::new())));
+    let device = client("device", LocalStore::memory(), Watching { inner: primary(&server), status: status.clone(), seen: seen.clone() });
+    *status.lock().unwrap() = Some(device.status());
+    device.insert("todo", "mine", &json!({"n": 9})).unwrap();
+    let report = device.sync().await.unwrap();
+    assert_eq!(report.pulled, 6, "pages of 2: the writer's 5 changes and its own");
+    let seen = seen.lock().unwrap().clone();
+    let received: Vec<usize> = seen.iter().map(|(_, activity)| match activity {
+        Activity::Downloading { received, .. } => *received,
+        other => panic!("a pull while {other:?}"),
+    }).collect();
+    assert_eq!(received, [0, 2, 4], "progress counts what earlier pages brought");
+    assert!(seen.iter().all(|(connected, _)| *connected), "connected since the push was answered: {seen:?}");
+}
