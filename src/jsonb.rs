@@ -27,23 +27,10 @@ fn jsonb_from_text(text: String) -> pg_sys::Datum {
     unsafe { pgrx::fcinfo::direct_function_call_as_datum(pg_sys::jsonb_in, &[text.as_c_str().into_datum()]) }.expect("jsonb_in returns a value")
 }
 
-/// A JSON object lent to an SPI argument, written as jsonb without being copied first (nor written as text).
-pub struct JsonbObject<'a>(pub &'a serde_json::Map<String, serde_json::Value>);
+/// A JSON object as an SPI argument, lent or owned, written as jsonb without JSON text.
+pub struct JsonbObject<'a>(pub std::borrow::Cow<'a, serde_json::Map<String, serde_json::Value>>);
 
 impl IntoDatum for JsonbObject<'_> {
-    fn into_datum(self) -> Option<pg_sys::Datum> {
-        Some(object_datum(self.0))
-    }
-
-    fn type_oid() -> pg_sys::Oid {
-        pg_sys::JSONBOID
-    }
-}
-
-/// A JSON object as an SPI argument, owned, written as jsonb without its text.
-pub struct JsonbMap(pub serde_json::Map<String, serde_json::Value>);
-
-impl IntoDatum for JsonbMap {
     fn into_datum(self) -> Option<pg_sys::Datum> {
         Some(object_datum(&self.0))
     }

@@ -1,5 +1,6 @@
 //! Reads and writes of the sync tables, one statement per batch.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 
 use pgrx::datum::DatumWithOid;
@@ -9,7 +10,7 @@ use sync_ext_protocol::batch::{Appended, BatchOutcome, TouchedRow};
 use sync_ext_protocol::{Change, Hlc, LoggedOp, RowKey, RowState, Stamp, StoredRow};
 
 use crate::errors::{SyncError, SyncResult};
-use crate::jsonb::{JsonbDatum, JsonbMap, JsonbObject};
+use crate::jsonb::{JsonbDatum, JsonbObject};
 use crate::notifier::Route;
 use crate::plans;
 
@@ -260,7 +261,7 @@ impl<'a> LogColumns<'a> {
         self.ops.push(change.op.as_str());
         self.actors.push(&change.actor);
         self.hlcs.push(change.hlc.to_string());
-        self.payloads.push(entry.payload.as_ref().map(JsonbObject));
+        self.payloads.push(entry.payload.as_ref().map(|payload| JsonbObject(Cow::Borrowed(payload))));
         self.hashes.push(entry.payload_hash.to_vec());
     }
 }
@@ -269,13 +270,13 @@ impl<'a> LogColumns<'a> {
 /// left a row in its final state; a NULL value means the change's payload, a NULL field_stamps `{}`.
 struct RowColumns {
     saved: Vec<bool>,
-    values: Vec<Option<JsonbMap>>,
+    values: Vec<Option<JsonbObject<'static>>>,
     hlcs: Vec<Option<String>>,
     actors: Vec<Option<String>>,
     op_ids: Vec<Option<pgrx::Uuid>>,
     deleted: Vec<Option<bool>>,
     deleted_hlcs: Vec<Option<String>>,
-    field_stamps: Vec<Option<JsonbMap>>,
+    field_stamps: Vec<Option<JsonbObject<'static>>>,
 }
 
 impl RowColumns {
@@ -304,12 +305,12 @@ impl RowColumns {
             self.field_stamps.push(None);
             return;
         };
-        self.values.push((payload != Some(&stored.value)).then_some(JsonbMap(stored.value)));
+        self.values.push((payload != Some(&stored.value)).then_some(JsonbObject(Cow::Owned(stored.value))));
         self.hlcs.push(Some(stored.stamp.hlc.to_string()));
         self.actors.push(Some(stored.stamp.actor));
         self.op_ids.push(Some(pg_uuid(&stored.stamp.op_id)));
         self.deleted.push(Some(stored.deleted));
         self.deleted_hlcs.push(stored.deleted_hlc.map(|hlc| hlc.to_string()));
-        self.field_stamps.push((!stored.field_stamps.is_empty()).then_some(JsonbMap(stored.field_stamps)));
+        self.field_stamps.push((!stored.field_stamps.is_empty()).then_some(JsonbObject(Cow::Owned(stored.field_stamps))));
     }
 }

@@ -8,24 +8,16 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use serde_json::{Map, Value};
+use sync_ext_client::protocol::conformance::{self, DEFAULT_TENANT, MIN_CASES};
 use sync_ext_client::protocol::{Change, PullResponse, PushResponse};
 use sync_ext_client::{Error, LocalStore, Remote, RemoteFuture, Result, SyncClient};
 
-/// Fewer case files than this means the folder is missing or emptied: the run fails.
-const MIN_CASES: usize = 25;
 /// Fewer `rows` steps checked over all cases than this means the run checked too little: it fails.
 const MIN_ROWS_CHECKED: usize = 40;
-/// The tenant of a case that names none.
-const DEFAULT_TENANT: &str = "conformance";
 
-/// The case files, in name order.
+/// The repository's case files, in name order.
 fn case_files() -> Vec<PathBuf> {
-    let folder = Path::new(env!("CARGO_MANIFEST_DIR")).join("../conformance");
-    let entries = std::fs::read_dir(&folder).unwrap_or_else(|error| panic!("reading {}: {error}", folder.display()));
-    let mut files: Vec<PathBuf> =
-        entries.map(|entry| entry.expect("a directory entry").path()).filter(|path| path.extension().is_some_and(|ext| ext == "json")).collect();
-    files.sort();
-    files
+    conformance::case_files(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../conformance"))
 }
 
 /// Pull responses waiting to be served, and what went wrong while serving them.

@@ -3,6 +3,7 @@
 //!
 //! - [`hlc`]: hybrid logical clock stamps and their fixed-width text form;
 //! - [`change`]: changes as pushed, their validation and their canonical payload hash;
+//! - [`conformance`]: the shared protocol cases every implementation runs;
 //! - [`digest`]: the order-independent digest of a tenant's visible rows;
 //! - [`numbers`]: JSON numbers carried exactly or refused, and their canonical form;
 //! - [`merge`]: the last-writer-wins rule over per-row registers;
@@ -16,6 +17,7 @@ pub mod arbitrary;
 pub mod batch;
 pub mod calendar;
 pub mod change;
+pub mod conformance;
 pub mod digest;
 pub mod hlc;
 pub mod merge;
