@@ -191,7 +191,7 @@ async fn the_credentials_hook_sets_up_every_new_connection() {
     let remote = PgRemote::from_config(config).credentials(move |mut config| -> sync_ext_client::RemoteFuture<'static, _> {
         let call = counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
         Box::pin(async move {
-            config.dbname("sync").application_name(&format!("refreshed-{call}"));
+            config.dbname("sync").application_name(format!("refreshed-{call}"));
             Ok(config)
         })
     });
