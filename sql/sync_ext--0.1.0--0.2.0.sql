@@ -3,7 +3,9 @@
 --
 -- This file is also the last part of a fresh 0.2.0 install (after the 0.1.0 schema), so fresh and
 -- upgraded databases cannot differ. Functions implemented in Rust are created with OR REPLACE for that.
-ALTER TABLE sync_ext.tenants ADD COLUMN horizon bigint NOT NULL DEFAULT 0 CHECK (horizon >= 0);
+-- The column and its check in two statements: Citus distributes no ADD COLUMN that carries a constraint.
+ALTER TABLE sync_ext.tenants ADD COLUMN horizon bigint NOT NULL DEFAULT 0;
+ALTER TABLE sync_ext.tenants ADD CONSTRAINT tenants_horizon_check CHECK (horizon >= 0);
 COMMENT ON COLUMN sync_ext.tenants.horizon IS
     'Compaction horizon: history below this seq is incomplete; a pull from below it is answered with a reset.';
 ALTER TABLE sync_ext.op_log ADD COLUMN logged_at timestamptz NOT NULL DEFAULT now();

@@ -132,7 +132,12 @@ pub struct Draft {
 /// Logs changes made by the server for one tenant: stamped after every hlc the tenant has seen, so
 /// they win over every change already applied, as a write made later should.
 pub fn commit_server_changes(client: &mut SpiClient<'_>, tenant: &str, model: &str, drafts: Vec<Draft>) -> SyncResult<()> {
-    let state = storage::lock_tenant(client, tenant)?;
+    let state = storage::lock_tenant(client, tenant, storage::Lock::Counters)?;
+    if state.applying_push {
+        // The engine's own write of a push, made by another backend of this transaction (on a distributed
+        // install, the one writing the table's shard); in this backend `applying_push()` stops it earlier.
+        return Ok(());
+    }
     let mut clock = HlcClock::resume(state.last_hlc);
     let wall = sync_ext_protocol::hlc::wall_clock_millis();
     let actor = crate::server_actor();

@@ -27,37 +27,66 @@ fn compact(tenant: &str, keep: Interval) -> SyncResult<serde_json::Value> {
         authorize(engine, tenant)?;
         storage::require_primary("sync_compact")?;
         Spi::connect_mut(|client| {
-            storage::lock_tenant(client, tenant)?;
-            let result = client.update(
-                "WITH superseded AS (
-                     DELETE FROM sync_ext.op_log AS o USING sync_ext.snapshots AS s
-                      WHERE o.tenant_id = $1 AND s.tenant_id = $1 AND s.model = o.model AND s.id = o.pk
-                        AND o.seq < s.seq AND o.logged_at <= now() - $2
-                     RETURNING o.seq, o.hlc),
-                 dropped AS (
-                     DELETE FROM sync_ext.snapshots AS s
-                      WHERE s.tenant_id = $1 AND s.deleted
-                        AND EXISTS (SELECT 1 FROM sync_ext.op_log AS o
-                                     WHERE o.tenant_id = $1 AND o.seq = s.seq AND o.logged_at <= now() - $2)
-                     RETURNING s.model, s.id),
-                 tombstones AS (
-                     DELETE FROM sync_ext.op_log AS o USING dropped AS d
-                      WHERE o.tenant_id = $1 AND o.model = d.model AND o.pk = d.id
-                     RETURNING o.seq, o.hlc)
-                 UPDATE sync_ext.tenants
-                    SET horizon = greatest(horizon, (SELECT max(seq) FROM superseded), (SELECT max(seq) FROM tombstones)),
-                        horizon_hlc = greatest(horizon_hlc, (SELECT max(hlc) FROM superseded), (SELECT max(hlc) FROM tombstones))
-                  WHERE tenant_id = $1
-                 RETURNING jsonb_build_object('removed', (SELECT count(*) FROM superseded),
-                                              'tombstones', (SELECT count(*) FROM dropped),
-                                              'horizon', horizon)",
-                None,
-                &[tenant.into(), keep.into()],
-            )?;
-            Ok(result.first().get_one::<JsonB>()?.map(|body| body.0).unwrap_or_default())
+            storage::lock_tenant(client, tenant, storage::Lock::Counters)?;
+            // One table per statement, each kept to the tenant's rows (so that Citus runs each on the
+            // tenant's node); the tenant's lock makes them one step for pushes and pulls.
+            let superseded = removed(client, tenant, &keep, SUPERSEDED)?;
+            let tombstones = removed(client, tenant, &keep, TOMBSTONE_HISTORY)?;
+            let dropped = client.update(DROPPED_TOMBSTONES, None, &[tenant.into()])?.first().get_one::<i64>()?.unwrap_or(0);
+            let horizon = client
+                .update(
+                    "UPDATE sync_ext.tenants SET horizon = greatest(horizon, $2), horizon_hlc = greatest(horizon_hlc, $3 COLLATE \"C\")
+                      WHERE tenant_id = $1 RETURNING horizon",
+                    None,
+                    &[tenant.into(), superseded.last_seq.max(tombstones.last_seq).into(), superseded.last_hlc.max(tombstones.last_hlc).into()],
+                )?
+                .first()
+                .get_one::<i64>()?
+                .unwrap_or(0);
+            Ok(serde_json::json!({"removed": superseded.count, "tombstones": dropped, "horizon": horizon}))
         })
     })
 }
+
+/// What one statement of compaction removed from the log.
+struct Removed {
+    count: i64,
+    last_seq: Option<i64>,
+    last_hlc: Option<String>,
+}
+
+/// Runs a `DELETE ... RETURNING o.seq, o.hlc` of log entries (`$1` the tenant, `$2` the keep) and sums it up.
+fn removed(client: &mut pgrx::spi::SpiClient<'_>, tenant: &str, keep: &Interval, delete: &str) -> SyncResult<Removed> {
+    let summary = client.update(&format!("WITH removed AS ({delete}) SELECT count(*), max(seq), max(hlc) FROM removed"), None, &[tenant.into(), (*keep).into()])?;
+    let row = summary.first();
+    Ok(Removed { count: row.get::<i64>(1)?.unwrap_or(0), last_seq: row.get(2)?, last_hlc: row.get(3)? })
+}
+
+/// The log entries older than the keep that a newer entry of the same row supersedes (a row's latest
+/// entry is the seq its snapshot records).
+const SUPERSEDED: &str = "
+DELETE FROM sync_ext.op_log AS o USING sync_ext.snapshots AS s
+ WHERE o.tenant_id = $1 AND s.tenant_id = $1 AND s.model = o.model AND s.id = o.pk
+   AND o.seq < s.seq AND o.logged_at <= now() - $2
+RETURNING o.seq, o.hlc";
+
+/// The whole history of the rows deleted longer ago than the keep (tombstones whose latest entry is older).
+const TOMBSTONE_HISTORY: &str = "
+DELETE FROM sync_ext.op_log AS o USING sync_ext.snapshots AS s
+ WHERE o.tenant_id = $1 AND s.tenant_id = $1 AND s.deleted AND s.model = o.model AND s.id = o.pk
+   AND EXISTS (SELECT FROM sync_ext.op_log AS latest
+                WHERE latest.tenant_id = $1 AND latest.seq = s.seq AND latest.logged_at <= now() - $2)
+RETURNING o.seq, o.hlc";
+
+/// The tombstones whose history [`TOMBSTONE_HISTORY`] removed (every snapshot's latest entry is in the log
+/// until then). Counts them.
+const DROPPED_TOMBSTONES: &str = "
+WITH dropped AS (
+    DELETE FROM sync_ext.snapshots AS s
+     WHERE s.tenant_id = $1 AND s.deleted
+       AND NOT EXISTS (SELECT FROM sync_ext.op_log AS o WHERE o.tenant_id = $1 AND o.seq = s.seq)
+    RETURNING 1)
+SELECT count(*) FROM dropped";
 
 #[cfg(any(test, feature = "pg_test"))]
 #[pg_schema]

@@ -58,6 +58,10 @@ pub enum SyncError {
     /// A push body over the `max_push_bytes` setting (54000).
     #[error("{argument}: the body is {size} bytes, over max_push_bytes ({max})")]
     BodyTooLarge { argument: &'static str, size: usize, max: i32 },
+    /// A bound table Citus cannot serve as its pushes run: not distributed by its tenant column, co-located
+    /// with the sync tables (0A000).
+    #[error("{table}: {problem}")]
+    NotDistributable { table: String, problem: String },
     /// An SPI failure (XX000).
     #[error("internal SPI error: {0}")]
     Spi(#[from] pgrx::spi::Error),
@@ -83,6 +87,7 @@ impl SyncError {
             SyncError::AlreadyRegistered { .. } => PgSqlErrorCode::ERRCODE_DUPLICATE_OBJECT,
             SyncError::UnknownModel { .. } => PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
             SyncError::CorruptSnapshot { .. } | SyncError::CorruptTenant { .. } => PgSqlErrorCode::ERRCODE_DATA_CORRUPTED,
+            SyncError::NotDistributable { .. } => PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
             SyncError::Spi(_) => PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
         }
     }

@@ -56,19 +56,36 @@ pub fn as_engine<T>(work: impl FnOnce(&Engine) -> SyncResult<T>) -> SyncResult<T
         let restore = Restore { user, context, guc_nest_level: pg_sys::NewGUCNestLevel() };
         let restricted = (pg_sys::SECURITY_RESTRICTED_OPERATION | pg_sys::SECURITY_LOCAL_USERID_CHANGE) as i32;
         pg_sys::SetUserIdAndSecContext(owner, context | restricted);
-        pg_sys::set_config_option(
-            c"search_path".as_ptr(),
-            ENGINE_SEARCH_PATH.as_ptr(),
-            pg_sys::GucContext::PGC_USERSET,
-            pg_sys::GucSource::PGC_S_SESSION,
-            pg_sys::GucAction::GUC_ACTION_SAVE,
-            true,
-            0,
-            false,
-        );
+        set_for_engine(c"search_path", ENGINE_SEARCH_PATH);
+        // Under Citus, the engine reads its reference tables (grants, settings) also where Citus runs a
+        // query on a shard (row-level security of the sync tables calls `may_access` there), which Citus
+        // refuses unless told: those reads never leave the node.
+        if !pg_sys::GetConfigOption(NESTED_EXECUTION.as_ptr(), true, false).is_null() {
+            set_for_engine(NESTED_EXECUTION, c"on");
+        }
         restore
     };
     work(&Engine { caller: user, owner })
+}
+
+/// Citus's parameter that allows queries inside a query on a shard (absent without Citus).
+const NESTED_EXECUTION: &std::ffi::CStr = c"citus.allow_nested_distributed_execution";
+
+/// Sets a parameter for the engine's work (undone by [`Restore`]).
+///
+/// # Safety
+/// Only inside [`as_engine`], after the GUC nest level it restores was taken.
+unsafe fn set_for_engine(name: &std::ffi::CStr, value: &std::ffi::CStr) {
+    pg_sys::set_config_option(
+        name.as_ptr(),
+        value.as_ptr(),
+        pg_sys::GucContext::PGC_USERSET,
+        pg_sys::GucSource::PGC_S_SESSION,
+        pg_sys::GucAction::GUC_ACTION_SAVE,
+        true,
+        0,
+        false,
+    );
 }
 
 /// The owner of `sync_ext.tenants`: the role that created the extension (a superuser, as the extension

@@ -12,6 +12,7 @@ use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting, PostgresGucEnum};
 
 mod auth;
 mod capture;
+mod citus;
 mod compact;
 mod errors;
 mod identity;
@@ -44,7 +45,8 @@ pgrx::extension_sql_file!(
     name = "upgrade_0_3_0",
     requires = ["upgrade_0_2_0", settings::sync_configure, pull::sync_ext::tenant_digest, auth::sync_ext::may_access, models::sync_register_model, models::sync_unregister_model]
 );
-pgrx::extension_sql_file!("../sql/sync_ext--0.3.0--0.4.0.sql", name = "upgrade_0_4_0", finalize);
+pgrx::extension_sql_file!("../sql/sync_ext--0.3.0--0.4.0.sql", name = "upgrade_0_4_0", requires = ["upgrade_0_3_0"]);
+pgrx::extension_sql_file!("../sql/sync_ext--0.4.0--0.5.0.sql", name = "upgrade_0_5_0", finalize);
 
 /// Values of `sync_ext.number_mode`.
 #[derive(PostgresGucEnum, Clone, Copy, PartialEq, Eq, Debug)]

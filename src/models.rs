@@ -46,8 +46,10 @@ pub struct Model {
     row_type: pg_sys::Oid,
     /// Live columns in attribute order.
     fields: Vec<Field>,
-    /// Primary key columns, as indexes into `fields`, in key order.
+    /// Primary key columns but the tenant column, as indexes into `fields`, in key order: the wire pk.
     primary_key: Vec<usize>,
+    /// Whether the table's primary key also holds the tenant column (as a table distributed by tenant needs).
+    key_holds_tenant: bool,
     tenant: TenantBinding,
 }
 
@@ -176,7 +178,7 @@ impl Model {
         }
         let fields = composite_fields(row_type, -1)?;
         let position = |column: &str| fields.iter().position(|field| field.name == column);
-        let primary_key = key_columns.iter().map(|column| position(column).expect("key columns are live")).collect();
+        let mut primary_key: Vec<usize> = key_columns.iter().map(|column| position(column).expect("key columns are live")).collect();
         let tenant = match (tenant_column, tenant) {
             (Some(column), None) => {
                 let index = position(column).ok_or_else(|| SyncError::InvalidArgument {
@@ -202,7 +204,50 @@ impl Model {
                 })
             }
         };
-        Ok(Model { name: name.to_owned(), table, table_name, row_type, fields, primary_key, tenant })
+        let key_holds_tenant = match tenant {
+            TenantBinding::Column(index) => primary_key.contains(&index),
+            TenantBinding::Fixed(_) => false,
+        };
+        primary_key.retain(|&index| !matches!(tenant, TenantBinding::Column(column) if column == index));
+        if primary_key.is_empty() {
+            return Err(SyncError::InvalidArgument {
+                argument: "tbl",
+                problem: format!("the primary key of {table_name} is its tenant column alone; it needs a column that names the row within its tenant"),
+            });
+        }
+        Ok(Model { name: name.to_owned(), table, table_name, row_type, fields, primary_key, key_holds_tenant, tenant })
+    }
+
+    /// On a distributed install: fails unless the table is distributed by its tenant column, co-located
+    /// with the sync tables (pushes run on the tenant's node and write the table's shard there; capture
+    /// triggers fire there and log to the tenant's shards of the sync tables).
+    fn require_colocated(&self, client: &SpiClient<'_>) -> SyncResult<()> {
+        let not_distributable = |problem: String| SyncError::NotDistributable { table: self.table_name.clone(), problem };
+        let Some(column) = self.tenant_column() else {
+            return Err(not_distributable(
+                "a table bound to one tenant cannot be distributed by tenant; give it a tenant column that always holds that tenant \
+                 (tenant_id text NOT NULL DEFAULT '<tenant>' CHECK (tenant_id = '<tenant>')), distribute it by that column \
+                 and register it with tenant_column"
+                    .to_owned(),
+            ));
+        };
+        let colocated = client.select(
+            "SELECT EXISTS (SELECT FROM pg_catalog.pg_dist_partition AS p, pg_catalog.pg_dist_partition AS t
+                             WHERE p.logicalrelid OPERATOR(pg_catalog.=) $1::pg_catalog.regclass AND t.logicalrelid OPERATOR(pg_catalog.=) 'sync_ext.tenants'::pg_catalog.regclass
+                               AND p.colocationid OPERATOR(pg_catalog.=) t.colocationid
+                               AND pg_catalog.column_to_column_name(p.logicalrelid, p.partkey) OPERATOR(pg_catalog.=) $2)",
+            Some(1),
+            &[self.table.as_str().into(), column.name.as_str().into()],
+        )?;
+        if colocated.first().get_one::<bool>()? == Some(true) {
+            return Ok(());
+        }
+        Err(not_distributable(format!(
+            "distribute it by its tenant column, co-located with the sync tables, before registering it: \
+             SELECT create_distributed_table('{}', '{}', colocate_with => 'sync_ext.tenants')",
+            self.table.replace('\'', "''"),
+            column.name.replace('\'', "''")
+        )))
     }
 
     /// The registered models among `names`, by name (kept per backend, see [`KeptModels`]).
@@ -224,14 +269,20 @@ impl Model {
         Ok(loaded)
     }
 
-    /// The model registered for a table, if any (kept per backend, see [`KeptModels`]).
+    /// The model registered for a table, if any (kept per backend, see [`KeptModels`]). On a distributed
+    /// install `table` may be a shard of the registered table (capture triggers fire on shards).
     pub fn load_for_table(client: &SpiClient<'_>, table: pg_sys::Oid) -> SyncResult<Option<Model>> {
         let kept = KEPT_MODELS.with_borrow(|kept| kept.current()?.by_table.get(&table).cloned());
         if let Some(kept) = kept {
             return Ok(kept);
         }
         let generation = KeptModels::watch();
-        let loaded = Self::load(client, "table_name = $1", table.into())?.into_values().next();
+        let mut loaded = Self::load(client, "table_name = $1", table.into())?.into_values().next();
+        if loaded.is_none() {
+            if let Some(distributed) = crate::citus::table_of_shard(table)? {
+                loaded = Self::load(client, "table_name = $1", distributed.into())?.into_values().next();
+            }
+        }
         KeptModels::keep(generation, |kept| {
             kept.by_table.insert(table, loaded.clone());
         });
@@ -448,7 +499,11 @@ impl Model {
                 assignments.push(format!("{0} = excluded.{0}", quote_identifier(key_names[0])));
             }
             let assignments = assignments.join(", ");
-            let guard = tenant_guard("t");
+            // A key that holds the tenant conflicts only with the tenant's own rows; any other key may
+            // meet another tenant's row, which the guard leaves alone (and reports as foreign below).
+            let guard = if self.key_holds_tenant { String::new() } else { tenant_guard("t") };
+            let mut conflict_key = key_names.clone();
+            conflict_key.extend(tenant_column.filter(|_| self.key_holds_tenant));
             let statement = format!(
                 "INSERT INTO {table} AS t ({columns}) SELECT {values} FROM pg_catalog.unnest($1) AS r
                  ON CONFLICT ({keys}) DO UPDATE SET {assignments} {where_guard}
@@ -456,7 +511,7 @@ impl Model {
                 table = self.table,
                 columns = self.columns_sql(all_columns.iter(), ""),
                 values = self.columns_sql(all_columns.iter(), "r."),
-                keys = self.columns_sql(key_names.iter().copied(), ""),
+                keys = self.columns_sql(conflict_key.into_iter(), ""),
                 where_guard = if guard.is_empty() { String::new() } else { format!("WHERE {}", &guard[5..]) },
                 returned = self.columns_sql(key_names.iter().copied(), "t."),
             );
@@ -609,6 +664,9 @@ fn register(name: &str, table: pg_sys::Oid, tenant_column: Option<&str>, tenant:
     sync_ext_protocol::change::validate_name("model", name)?;
     Spi::connect_mut(|client| {
         let model = Model::describe(client, name, table, tenant_column, tenant)?;
+        if crate::citus::distributed() {
+            model.require_colocated(client)?;
+        }
         let taken = client.select(
             "SELECT model FROM sync_ext.models WHERE model = $1 OR table_name = $2",
             Some(1),
@@ -622,21 +680,19 @@ fn register(name: &str, table: pg_sys::Oid, tenant_column: Option<&str>, tenant:
             None,
             &[name.into(), table.into(), tenant_column.into(), tenant.into()],
         )?;
+        // One statement each: Citus distributes one command at a time.
         let table_sql = &model.table;
-        client.update(
-            &format!(
-                "CREATE TRIGGER sync_ext_capture_insert AFTER INSERT ON {table_sql}
-                     REFERENCING NEW TABLE AS sync_ext_new FOR EACH STATEMENT EXECUTE FUNCTION sync_ext.capture_insert();
-                 CREATE TRIGGER sync_ext_capture_update AFTER UPDATE ON {table_sql}
-                     REFERENCING OLD TABLE AS sync_ext_old NEW TABLE AS sync_ext_new FOR EACH STATEMENT EXECUTE FUNCTION sync_ext.capture_update();
-                 CREATE TRIGGER sync_ext_capture_delete AFTER DELETE ON {table_sql}
-                     REFERENCING OLD TABLE AS sync_ext_old FOR EACH STATEMENT EXECUTE FUNCTION sync_ext.capture_delete();
-                 CREATE TRIGGER sync_ext_forbid_truncate BEFORE TRUNCATE ON {table_sql}
-                     FOR EACH STATEMENT EXECUTE FUNCTION sync_ext.forbid_truncate();"
-            ),
-            None,
-            &[],
-        )?;
+        for trigger in [
+            format!("CREATE TRIGGER sync_ext_capture_insert AFTER INSERT ON {table_sql}
+                     REFERENCING NEW TABLE AS sync_ext_new FOR EACH STATEMENT EXECUTE FUNCTION sync_ext.capture_insert()"),
+            format!("CREATE TRIGGER sync_ext_capture_update AFTER UPDATE ON {table_sql}
+                     REFERENCING OLD TABLE AS sync_ext_old NEW TABLE AS sync_ext_new FOR EACH STATEMENT EXECUTE FUNCTION sync_ext.capture_update()"),
+            format!("CREATE TRIGGER sync_ext_capture_delete AFTER DELETE ON {table_sql}
+                     REFERENCING OLD TABLE AS sync_ext_old FOR EACH STATEMENT EXECUTE FUNCTION sync_ext.capture_delete()"),
+            format!("CREATE TRIGGER sync_ext_forbid_truncate BEFORE TRUNCATE ON {table_sql} FOR EACH STATEMENT EXECUTE FUNCTION sync_ext.forbid_truncate()"),
+        ] {
+            client.update(&trigger, None, &[])?;
+        }
         Ok(())
     })?;
     // Rows already in the table are logged as inserts, by the engine as any captured write.

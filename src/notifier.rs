@@ -20,6 +20,10 @@
 //!
 //! So no committed wake-up is left behind by an exiting notifier. One left by a notifier that was
 //! terminated is sent by the next one, which the next push starts.
+//!
+//! On a distributed install (see [`crate::citus`]) every node has its own notifier, which sends each
+//! wake-up to every node of the cluster, and pushes never notify themselves: a push that finds no
+//! notifier (or one exiting) leaves its wake-up for the next sweep, which may wait for the next push.
 
 use std::cell::Cell;
 use std::time::{Duration, Instant};
@@ -57,6 +61,9 @@ pub enum Route {
     Notify,
     /// It leaves a wake-up for the notifier (process id) and wakes it after commit.
     Notifier(i32),
+    /// It leaves a wake-up for the next notifier's sweep (on a distributed install, where a push never
+    /// notifies itself).
+    Left,
 }
 
 impl Route {
@@ -81,8 +88,11 @@ thread_local! {
 /// Decides how the push being stored tells listeners, and arranges the notifier's wake-up at commit
 /// when it is the notifier's job.
 pub fn route() -> SyncResult<Route> {
+    // Where Citus may prepare the transaction, the push cannot notify: it leaves its wake-up and asks for a
+    // notifier if none runs.
+    let fallback = if crate::citus::distributed() { Route::Left } else { Route::Notify };
     if !try_lock_shared_for_transaction(HANDOVER_LOCK) {
-        return Ok(Route::Notify); // a notifier is exiting
+        return Ok(fallback); // a notifier is exiting
     }
     if !notifier_lock_is_held() {
         KNOWN.set(None); // none runs, or one released its lock and is about to leave
@@ -95,7 +105,7 @@ pub fn route() -> SyncResult<Route> {
         }
     };
     let Some(pid) = pid else {
-        return Ok(Route::Notify);
+        return Ok(fallback);
     };
     wake_at_commit(pid);
     Ok(Route::Notifier(pid))
@@ -231,9 +241,23 @@ WITH woken AS (DELETE FROM sync_ext.wakeups RETURNING tenant_id)
 SELECT count(pg_catalog.pg_notify('sync_ext', tenant_id))
   FROM (SELECT DISTINCT tenant_id FROM woken) AS tenants";
 
+/// [`SWEEP`] on a distributed install: the NOTIFYs are sent on every node of the cluster (this one
+/// included), each in a transaction of its own, so listeners hear of a push wherever they listen.
+const SWEEP_ALL_NODES: &str = "
+WITH woken AS (DELETE FROM sync_ext.wakeups RETURNING tenant_id),
+     tenants AS (SELECT array_agg(DISTINCT tenant_id) AS names FROM woken),
+     sent AS (SELECT count(*) FROM tenants, pg_catalog.run_command_on_all_nodes(
+                  pg_catalog.format('SELECT pg_catalog.count(pg_catalog.pg_notify(%L, t)) FROM pg_catalog.unnest(%L::text[]) AS t',
+                                    'sync_ext', tenants.names))
+               WHERE tenants.names IS NOT NULL)
+SELECT coalesce(cardinality(names), 0) FROM tenants, sent";
+
 /// One sweep in its own transaction.
 fn sweep() -> i64 {
-    BackgroundWorker::transaction(|| Spi::get_one::<i64>(SWEEP).ok().flatten().unwrap_or(0))
+    BackgroundWorker::transaction(|| {
+        let sweep = if crate::citus::distributed() { SWEEP_ALL_NODES } else { SWEEP };
+        Spi::get_one::<i64>(sweep).ok().flatten().unwrap_or(0)
+    })
 }
 
 /// The notifier's main function (see the module documentation).

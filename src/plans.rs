@@ -8,6 +8,9 @@
 //! take arrays anew for every small batch (a custom plan that knows the array's length looks cheaper),
 //! and the generic plans (index lookups per element) are the right ones at every batch size.
 //!
+//! On a distributed install (see [`crate::citus`]) Postgres chooses instead: Citus routes a statement by
+//! the values of its arguments, and makes the generic plans it cannot route look too costly to be chosen.
+//!
 //! And they are planned without parallel workers: each touches one tenant's few rows, and a generic plan
 //! cannot tell a tenant from the whole table, so it would start workers on every call (a pull's reset
 //! branch, never run outside resets, cost a few milliseconds per page in starting them).
@@ -63,8 +66,8 @@ pub fn update_as_session<'conn>(client: &mut SpiClient<'conn>, sql: &str, args: 
     client.update(&*plan, None, args)
 }
 
-/// Runs `execute` with `plan_cache_mode` forced to generic plans and no parallel workers, restoring both
-/// afterwards (also when an error unwinds through here).
+/// Runs `execute` with `plan_cache_mode` forced to generic plans (left to Postgres on a distributed
+/// install) and no parallel workers, restoring both afterwards (also when an error unwinds through here).
 fn with_generic_plans<T>(execute: impl FnOnce() -> T) -> T {
     struct Restore {
         plan_cache_mode: std::ffi::c_int,
@@ -79,10 +82,11 @@ fn with_generic_plans<T>(execute: impl FnOnce() -> T) -> T {
             }
         }
     }
+    let mode = if crate::citus::distributed() { pg_sys::PlanCacheMode::PLAN_CACHE_MODE_AUTO } else { pg_sys::PlanCacheMode::PLAN_CACHE_MODE_FORCE_GENERIC_PLAN };
     // SAFETY: as above; the backend is single-threaded.
     let _restore = unsafe {
         let restore = Restore { plan_cache_mode: pg_sys::plan_cache_mode, parallel_workers: pg_sys::max_parallel_workers_per_gather };
-        pg_sys::plan_cache_mode = pg_sys::PlanCacheMode::PLAN_CACHE_MODE_FORCE_GENERIC_PLAN as std::ffi::c_int;
+        pg_sys::plan_cache_mode = mode as std::ffi::c_int;
         pg_sys::max_parallel_workers_per_gather = 0;
         restore
     };

@@ -17,7 +17,7 @@ use crate::identity::as_engine;
 use crate::jsonb::{Body, ByteaBody, JsonbBody, JsonbDatum};
 use crate::models::{self, Model, PendingWrites, RowWrite};
 use crate::notifier;
-use crate::storage::{self, TenantState};
+use crate::storage::{self, Lock, TenantState};
 
 /// Applies a batch of changes for `tenant` and returns one result per change plus the tenant's cursor.
 /// See the README for the change format and the merge rule.
@@ -58,7 +58,7 @@ pub fn push(tenant: &str, body: &Body, read: impl FnOnce() -> SyncResult<Value>)
             if !models.is_empty() {
                 return Ok(FirstPass::Bound(Bound { changes, refused, skew: settings.max_clock_skew_ms, models, limits }));
             }
-            let state = storage::lock_tenant(client, tenant)?;
+            let state = storage::lock_tenant(client, tenant, Lock::Counters)?;
             let outcome = store_batch(client, tenant, &state, &changes, refused, settings.max_clock_skew_ms)?;
             Ok(FirstPass::Done(PushResponse { cursor: outcome.last_seq, results: outcome.results, limits }))
         })
@@ -70,7 +70,7 @@ pub fn push(tenant: &str, body: &Body, read: impl FnOnce() -> SyncResult<Value>)
         refused.insert(index, reason);
     }
     let (state, mut merged) = as_engine(|_| Spi::connect_mut(|client| {
-        let state = storage::lock_tenant(client, tenant)?;
+        let state = storage::lock_tenant(client, tenant, Lock::WritingTables)?;
         let merged = merge(client, tenant, &state, &changes, refused.clone(), skew)?;
         Ok((state, merged))
     }))?;
@@ -157,6 +157,9 @@ fn merge(
 fn store(client: &mut SpiClient<'_>, tenant: &str, state: &TenantState, changes: &[Change], merged: &Merged) -> SyncResult<()> {
     let outcome = &merged.outcome;
     if outcome.appended.is_empty() {
+        if state.applying_push {
+            storage::end_writing_tables(client, tenant)?;
+        }
         return Ok(());
     }
     let newest = outcome.appended.iter().map(|entry| changes[entry.index].hlc).max();

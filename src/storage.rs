@@ -48,25 +48,47 @@ pub struct TenantState {
     pub horizon_hlc: Option<Hlc>,
     /// The digest of the tenant's visible rows (see `sync_ext_protocol::digest`).
     pub digest: u64,
+    /// Whether a push of this transaction is writing the tenant's bound tables (see [`Lock::WritingTables`]).
+    pub applying_push: bool,
+}
+
+/// What a push or a capture that locks a tenant is about to do.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Lock {
+    /// Read and write the sync tables.
+    Counters,
+    /// Write the tenant's bound tables too: the tenant's row says so (`applying_push`) until the batch is
+    /// stored, so that capture triggers leave the engine's own writes alone wherever they fire (on a
+    /// distributed install, in the backend of another node that writes the table's shard).
+    WritingTables,
 }
 
 /// Locks the tenant's counter row until the transaction ends (creating it on first use) and returns
 /// its counters. Pushes to one tenant run one after another from here on; other tenants never wait.
-pub fn lock_tenant(client: &mut SpiClient<'_>, tenant: &str) -> SyncResult<TenantState> {
-    let mut locked = plans::update(
-        client,
-        "SELECT last_seq, last_hlc, horizon_hlc, digest FROM sync_ext.tenants WHERE tenant_id = $1 FOR NO KEY UPDATE",
-        Some(1),
-        &[tenant.into()],
-    )?;
+pub fn lock_tenant(client: &mut SpiClient<'_>, tenant: &str, lock: Lock) -> SyncResult<TenantState> {
+    let mut locked = match lock {
+        Lock::Counters => plans::update(
+            client,
+            "SELECT last_seq, last_hlc, horizon_hlc, digest, applying_push FROM sync_ext.tenants WHERE tenant_id = $1 FOR NO KEY UPDATE",
+            Some(1),
+            &[tenant.into()],
+        )?,
+        Lock::WritingTables => plans::update(
+            client,
+            "UPDATE sync_ext.tenants SET applying_push = true WHERE tenant_id = $1
+             RETURNING last_seq, last_hlc, horizon_hlc, digest, applying_push",
+            None,
+            &[tenant.into()],
+        )?,
+    };
     if locked.is_empty() {
         locked = plans::update(
             client,
-            "INSERT INTO sync_ext.tenants AS t (tenant_id) VALUES ($1)
-             ON CONFLICT (tenant_id) DO UPDATE SET last_seq = t.last_seq
-             RETURNING last_seq, last_hlc, horizon_hlc, digest",
+            "INSERT INTO sync_ext.tenants AS t (tenant_id, applying_push) VALUES ($1, $2)
+             ON CONFLICT (tenant_id) DO UPDATE SET applying_push = t.applying_push OR excluded.applying_push
+             RETURNING last_seq, last_hlc, horizon_hlc, digest, applying_push",
             Some(1),
-            &[tenant.into()],
+            &[tenant.into(), (lock == Lock::WritingTables).into()],
         )?;
     }
     let row = locked.first();
@@ -79,7 +101,14 @@ pub fn lock_tenant(client: &mut SpiClient<'_>, tenant: &str) -> SyncResult<Tenan
         horizon_hlc: hlc(3)?,
         // The digest travels as the bits of a u64 in a bigint.
         digest: row.get::<i64>(4)?.unwrap_or(0) as u64,
+        applying_push: row.get::<bool>(5)?.unwrap_or(false),
     })
+}
+
+/// Ends [`Lock::WritingTables`] for a push that stored nothing (one that stored a batch ends it there).
+pub fn end_writing_tables(client: &mut SpiClient<'_>, tenant: &str) -> SyncResult<()> {
+    plans::update(client, "UPDATE sync_ext.tenants SET applying_push = false WHERE tenant_id = $1", None, &[tenant.into()])?;
+    Ok(())
 }
 
 /// The batch's op_ids that are already in the log.
@@ -196,34 +225,52 @@ pub fn write_batch(client: &mut SpiClient<'_>, tenant: &str, changes: &[Change],
         (digest as i64).into(),
         route.notifies_itself().into(),
     ];
-    plans::update(client, WRITE_BATCH, None, &args)?;
+    if crate::citus::distributed() {
+        for statement in &WRITE_BATCH.each {
+            plans::update(client, statement, None, &args)?;
+        }
+    } else {
+        plans::update(client, &WRITE_BATCH.combined, None, &args)?;
+    }
     Ok(())
 }
 
-const WRITE_BATCH: &str = "
-WITH batch AS (
+/// The statements that write a batch: one per table, each reading the batch's arrays, run either as one
+/// statement (its parts as CTEs) or, on a distributed install, one by one (Citus routes each to the
+/// tenant's node, where the combined statement would be sent to every node).
+struct WriteBatch {
+    combined: String,
+    each: Vec<String>,
+}
+
+static WRITE_BATCH: std::sync::LazyLock<WriteBatch> = std::sync::LazyLock::new(|| {
+    let batch = "batch AS (
     SELECT * FROM unnest($2::bigint[], $3::uuid[], $4::text[], $5::text[], $6::text[], $7::text[], $8::text[], $9::jsonb[],
                          $10::bytea[], $11::bool[], $12::jsonb[], $13::text[], $14::text[], $15::uuid[], $16::bool[],
                          $17::text[], $18::jsonb[])
         AS b(seq, op_id, model, pk, op, actor, hlc, payload, payload_hash,
-             saved, row_value, row_hlc, row_actor, row_op_id, row_deleted, row_deleted_hlc, row_field_stamps)),
-logged AS (
-    INSERT INTO sync_ext.op_log (tenant_id, seq, op_id, model, pk, op, actor, hlc, updated_at, payload, payload_hash)
+             saved, row_value, row_hlc, row_actor, row_op_id, row_deleted, row_deleted_hlc, row_field_stamps))";
+    let logged = "INSERT INTO sync_ext.op_log (tenant_id, seq, op_id, model, pk, op, actor, hlc, updated_at, payload, payload_hash)
     SELECT $1, seq, op_id, model, pk, op, actor, hlc, left(hlc, 23)::timestamp AT TIME ZONE 'UTC', payload, payload_hash
-      FROM batch),
-saved AS (
-    INSERT INTO sync_ext.snapshots AS s (tenant_id, model, id, value, hlc, actor, op_id, deleted, deleted_hlc, field_stamps, seq)
+      FROM batch";
+    let saved = "INSERT INTO sync_ext.snapshots AS s (tenant_id, model, id, value, hlc, actor, op_id, deleted, deleted_hlc, field_stamps, seq)
     SELECT $1, model, pk, coalesce(row_value, payload), row_hlc, row_actor, row_op_id, row_deleted, row_deleted_hlc,
            coalesce(row_field_stamps, '{}'), seq
       FROM batch WHERE saved
         ON CONFLICT (tenant_id, model, id) DO UPDATE SET
            value = excluded.value, hlc = excluded.hlc, actor = excluded.actor, op_id = excluded.op_id,
            deleted = excluded.deleted, deleted_hlc = excluded.deleted_hlc, field_stamps = excluded.field_stamps,
-           seq = excluded.seq),
-advanced AS (
-    UPDATE sync_ext.tenants SET last_seq = $19, last_hlc = $20, last_push_at = now(), digest = $21 WHERE tenant_id = $1),
-woken AS (INSERT INTO sync_ext.wakeups (tenant_id) SELECT $1 WHERE NOT $22)
-SELECT pg_notify('sync_ext', $1) WHERE $22";
+           seq = excluded.seq";
+    let advanced = "UPDATE sync_ext.tenants SET last_seq = $19, last_hlc = $20, last_push_at = now(), digest = $21, applying_push = false
+     WHERE tenant_id = $1";
+    let woken = "INSERT INTO sync_ext.wakeups (tenant_id) SELECT $1 WHERE NOT $22";
+    let notified = "SELECT pg_notify('sync_ext', $1) WHERE $22";
+    WriteBatch {
+        combined: format!("WITH {batch},\nlogged AS ({logged}),\nsaved AS ({saved}),\nadvanced AS ({advanced}),\nwoken AS ({woken})\n{notified}"),
+        // A push on a distributed install never notifies itself (see `crate::citus`).
+        each: vec![format!("WITH {batch} {logged}"), format!("WITH {batch} {saved}"), advanced.to_owned(), woken.to_owned()],
+    }
+});
 
 /// The op log columns of a batch, as arrays.
 struct LogColumns<'a> {
