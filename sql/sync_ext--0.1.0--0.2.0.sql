@@ -3,14 +3,39 @@
 --
 -- This file is also the last part of a fresh 0.2.0 install (after the 0.1.0 schema), so fresh and
 -- upgraded databases cannot differ. Functions implemented in Rust are created with OR REPLACE for that.
--- The column and its check in two statements: Citus distributes no ADD COLUMN that carries a constraint.
-ALTER TABLE sync_ext.tenants ADD COLUMN horizon bigint NOT NULL DEFAULT 0;
-ALTER TABLE sync_ext.tenants ADD CONSTRAINT tenants_horizon_check CHECK (horizon >= 0);
-COMMENT ON COLUMN sync_ext.tenants.horizon IS
-    'Compaction horizon: history below this seq is incomplete; a pull from below it is answered with a reset.';
-ALTER TABLE sync_ext.op_log ADD COLUMN logged_at timestamptz NOT NULL DEFAULT now();
-COMMENT ON COLUMN sync_ext.op_log.logged_at IS 'When the server logged the change (compaction keeps what is younger than its keep).';
-CREATE INDEX snapshots_by_seq ON sync_ext.snapshots (tenant_id, seq);
+--
+-- Under Citus, ALTER EXTENSION sync_ext UPDATE on the coordinator runs this script on every node, so every
+-- statement on a table that Citus may distribute goes through sync_ext.alter_sync_table: each node applies
+-- it to its own copy of the table and to the table's shards it holds, and sends nothing to other nodes
+-- (which would run it before their own copy of this script had created what it refers to).
+CREATE FUNCTION sync_ext.alter_sync_table(tbl regclass, command text, rows_only boolean DEFAULT false) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET citus.enable_ddl_propagation = off AS $helper$
+DECLARE
+    shard record;
+BEGIN
+    -- %1$s is the relation, %2$s the suffix of its objects' names ('' for the table, '_<shard id>' for a shard).
+    -- A command on rows (rows_only) skips a distributed table itself, which holds none.
+    IF NOT rows_only OR to_regclass('pg_catalog.pg_dist_partition') IS NULL
+       OR NOT EXISTS (SELECT FROM pg_dist_partition WHERE logicalrelid = tbl) THEN
+        EXECUTE format(command, tbl, '');
+    END IF;
+    IF to_regclass('pg_catalog.pg_dist_partition') IS NULL THEN
+        RETURN;
+    END IF;
+    FOR shard IN SELECT s.shardid FROM pg_dist_shard AS s JOIN pg_dist_placement AS p USING (shardid)
+                  WHERE s.logicalrelid = tbl AND p.groupid = (SELECT groupid FROM pg_dist_local_group) LOOP
+        EXECUTE format(command, shard_name(tbl, shard.shardid), '_' || shard.shardid);
+    END LOOP;
+END
+$helper$;
+-- The column and its check in two statements: Citus adds no column with a constraint in one.
+SELECT sync_ext.alter_sync_table('sync_ext.tenants', $ddl$ALTER TABLE %1$s ADD COLUMN horizon bigint NOT NULL DEFAULT 0$ddl$);
+SELECT sync_ext.alter_sync_table('sync_ext.tenants', $ddl$ALTER TABLE %1$s ADD CONSTRAINT tenants_horizon_check%2$s CHECK (horizon >= 0)$ddl$);
+SELECT sync_ext.alter_sync_table('sync_ext.tenants', $ddl$COMMENT ON COLUMN %1$s.horizon IS
+    'Compaction horizon: history below this seq is incomplete; a pull from below it is answered with a reset.'$ddl$);
+SELECT sync_ext.alter_sync_table('sync_ext.op_log', $ddl$ALTER TABLE %1$s ADD COLUMN logged_at timestamptz NOT NULL DEFAULT now()$ddl$);
+SELECT sync_ext.alter_sync_table('sync_ext.op_log', $ddl$COMMENT ON COLUMN %1$s.logged_at IS 'When the server logged the change (compaction keeps what is younger than its keep).'$ddl$);
+SELECT sync_ext.alter_sync_table('sync_ext.snapshots', $ddl$CREATE INDEX snapshots_by_seq%2$s ON %1$s (tenant_id, seq)$ddl$);
 
 -- Which roles may sync which tenants (sync_grant_tenant / sync_revoke_tenant).
 CREATE TABLE sync_ext.grants (
@@ -35,10 +60,10 @@ $$;
 
 -- Direct reads: a role granted some tenant may SELECT the log and the snapshots and sees only the rows
 -- of the tenants it may access; any other role is refused (42501).
-ALTER TABLE sync_ext.op_log ENABLE ROW LEVEL SECURITY;
-ALTER TABLE sync_ext.snapshots ENABLE ROW LEVEL SECURITY;
-CREATE POLICY tenant_rows ON sync_ext.op_log FOR SELECT USING (sync_ext.may_access(tenant_id, current_user));
-CREATE POLICY tenant_rows ON sync_ext.snapshots FOR SELECT USING (sync_ext.may_access(tenant_id, current_user));
+SELECT sync_ext.alter_sync_table('sync_ext.op_log', $ddl$ALTER TABLE %1$s ENABLE ROW LEVEL SECURITY$ddl$);
+SELECT sync_ext.alter_sync_table('sync_ext.snapshots', $ddl$ALTER TABLE %1$s ENABLE ROW LEVEL SECURITY$ddl$);
+SELECT sync_ext.alter_sync_table('sync_ext.op_log', $ddl$CREATE POLICY tenant_rows ON %1$s FOR SELECT USING (sync_ext.may_access(tenant_id, current_user))$ddl$);
+SELECT sync_ext.alter_sync_table('sync_ext.snapshots', $ddl$CREATE POLICY tenant_rows ON %1$s FOR SELECT USING (sync_ext.may_access(tenant_id, current_user))$ddl$);
 GRANT USAGE ON SCHEMA sync_ext TO PUBLIC;
 
 -- Per tenant: its cursor, how much it stores, its compaction horizon and its last push.
@@ -77,3 +102,5 @@ CREATE OR REPLACE FUNCTION sync_push_msgpack(tenant text, changes bytea) RETURNS
     STRICT VOLATILE PARALLEL UNSAFE LANGUAGE c AS 'MODULE_PATHNAME', 'sync_push_msgpack_wrapper';
 CREATE OR REPLACE FUNCTION sync_pull_msgpack(tenant text, since bigint, max_changes int DEFAULT 1000) RETURNS bytea
     STRICT STABLE PARALLEL SAFE LANGUAGE c AS 'MODULE_PATHNAME', 'sync_pull_msgpack_wrapper';
+
+DROP FUNCTION sync_ext.alter_sync_table(regclass, text, boolean);

@@ -6,6 +6,31 @@
 -- This file is also the last part of a fresh 0.3.0 install (after the 0.1.0 schema and the 0.2.0
 -- upgrade), so fresh and upgraded databases cannot differ. Functions implemented in Rust are created
 -- with OR REPLACE for that, exactly as pgrx declares them.
+--
+-- Under Citus, ALTER EXTENSION sync_ext UPDATE on the coordinator runs this script on every node, so every
+-- statement on a table that Citus may distribute goes through sync_ext.alter_sync_table: each node applies
+-- it to its own copy of the table and to the table's shards it holds, and sends nothing to other nodes
+-- (which would run it before their own copy of this script had created what it refers to).
+CREATE FUNCTION sync_ext.alter_sync_table(tbl regclass, command text, rows_only boolean DEFAULT false) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET citus.enable_ddl_propagation = off AS $helper$
+DECLARE
+    shard record;
+BEGIN
+    -- %1$s is the relation, %2$s the suffix of its objects' names ('' for the table, '_<shard id>' for a shard).
+    -- A command on rows (rows_only) skips a distributed table itself, which holds none.
+    IF NOT rows_only OR to_regclass('pg_catalog.pg_dist_partition') IS NULL
+       OR NOT EXISTS (SELECT FROM pg_dist_partition WHERE logicalrelid = tbl) THEN
+        EXECUTE format(command, tbl, '');
+    END IF;
+    IF to_regclass('pg_catalog.pg_dist_partition') IS NULL THEN
+        RETURN;
+    END IF;
+    FOR shard IN SELECT s.shardid FROM pg_dist_shard AS s JOIN pg_dist_placement AS p USING (shardid)
+                  WHERE s.logicalrelid = tbl AND p.groupid = (SELECT groupid FROM pg_dist_local_group) LOOP
+        EXECUTE format(command, shard_name(tbl, shard.shardid), '_' || shard.shardid);
+    END LOOP;
+END
+$helper$;
 
 -- Operator settings (sync_configure). Values an operator had set as sync_ext.* parameters (postgresql.conf,
 -- ALTER DATABASE, ALTER ROLE) are carried over here, before the library that no longer defines those
@@ -33,9 +58,9 @@ AS 'MODULE_PATHNAME', 'sync_configure_wrapper';
 SELECT sync_configure(name, value) FROM sync_ext.settings;
 
 -- Compaction forgets op_ids and deletes: changes stamped at or before what it removed are refused `stale`.
-ALTER TABLE sync_ext.tenants ADD COLUMN horizon_hlc text COLLATE "C";
-COMMENT ON COLUMN sync_ext.tenants.horizon_hlc IS
-    'The greatest hlc compaction removed from the log: pushed changes stamped at or before it are rejected stale.';
+SELECT sync_ext.alter_sync_table('sync_ext.tenants', $ddl$ALTER TABLE %1$s ADD COLUMN horizon_hlc text COLLATE "C"$ddl$);
+SELECT sync_ext.alter_sync_table('sync_ext.tenants', $ddl$COMMENT ON COLUMN %1$s.horizon_hlc IS
+    'The greatest hlc compaction removed from the log: pushed changes stamped at or before it are rejected stale.'$ddl$);
 
 -- The digest of each tenant's visible rows, kept on every write and returned on the last page of a pull.
 CREATE OR REPLACE FUNCTION sync_ext."tenant_digest"(
@@ -44,11 +69,11 @@ CREATE OR REPLACE FUNCTION sync_ext."tenant_digest"(
 STRICT STABLE PARALLEL SAFE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'tenant_digest_wrapper';
-ALTER TABLE sync_ext.tenants ADD COLUMN digest bigint;
-UPDATE sync_ext.tenants SET digest = sync_ext.tenant_digest(tenant_id);
-ALTER TABLE sync_ext.tenants ALTER COLUMN digest SET DEFAULT 0, ALTER COLUMN digest SET NOT NULL;
-COMMENT ON COLUMN sync_ext.tenants.digest IS
-    'The digest of the tenant''s visible rows (sync_ext.tenant_digest computes it from the snapshots), bits of an unsigned 64-bit sum.';
+SELECT sync_ext.alter_sync_table('sync_ext.tenants', $ddl$ALTER TABLE %1$s ADD COLUMN digest bigint$ddl$);
+SELECT sync_ext.alter_sync_table('sync_ext.tenants', $ddl$UPDATE %1$s SET digest = sync_ext.tenant_digest(tenant_id)$ddl$, rows_only => true);
+SELECT sync_ext.alter_sync_table('sync_ext.tenants', $ddl$ALTER TABLE %1$s ALTER COLUMN digest SET DEFAULT 0, ALTER COLUMN digest SET NOT NULL$ddl$);
+SELECT sync_ext.alter_sync_table('sync_ext.tenants', $ddl$COMMENT ON COLUMN %1$s.digest IS
+    'The digest of the tenant''s visible rows (sync_ext.tenant_digest computes it from the snapshots), bits of an unsigned 64-bit sum.'$ddl$);
 
 -- Capture: the three trigger functions become the engine's C trigger function.
 CREATE OR REPLACE FUNCTION sync_ext.capture_insert() RETURNS trigger LANGUAGE c AS 'MODULE_PATHNAME', 'capture_wrapper';
@@ -58,8 +83,8 @@ CREATE OR REPLACE FUNCTION sync_ext.capture_delete() RETURNS trigger LANGUAGE c 
 DROP FUNCTION IF EXISTS sync_ext.capture_rows(oid, anyarray, anyarray);
 
 -- Access checks answer for the current role only.
-DROP POLICY tenant_rows ON sync_ext.op_log;
-DROP POLICY tenant_rows ON sync_ext.snapshots;
+SELECT sync_ext.alter_sync_table('sync_ext.op_log', $ddl$DROP POLICY tenant_rows ON %1$s$ddl$);
+SELECT sync_ext.alter_sync_table('sync_ext.snapshots', $ddl$DROP POLICY tenant_rows ON %1$s$ddl$);
 DROP FUNCTION sync_ext.may_access(text, name);
 CREATE OR REPLACE FUNCTION sync_ext."may_access"(
 	"tenant" TEXT /* & str */
@@ -67,15 +92,15 @@ CREATE OR REPLACE FUNCTION sync_ext."may_access"(
 STRICT STABLE PARALLEL SAFE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'may_access_wrapper';
-CREATE POLICY tenant_rows ON sync_ext.op_log FOR SELECT USING (sync_ext.may_access(tenant_id));
-CREATE POLICY tenant_rows ON sync_ext.snapshots FOR SELECT USING (sync_ext.may_access(tenant_id));
+SELECT sync_ext.alter_sync_table('sync_ext.op_log', $ddl$CREATE POLICY tenant_rows ON %1$s FOR SELECT USING (sync_ext.may_access(tenant_id))$ddl$);
+SELECT sync_ext.alter_sync_table('sync_ext.snapshots', $ddl$CREATE POLICY tenant_rows ON %1$s FOR SELECT USING (sync_ext.may_access(tenant_id))$ddl$);
 
 -- Backends keep what they read of the grants and the settings until these triggers say they changed.
 CREATE FUNCTION sync_ext.access_changed() RETURNS trigger LANGUAGE c AS 'MODULE_PATHNAME', 'access_changed_wrapper';
-CREATE TRIGGER access_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON sync_ext.grants
-    FOR EACH STATEMENT EXECUTE FUNCTION sync_ext.access_changed();
-CREATE TRIGGER access_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON sync_ext.settings
-    FOR EACH STATEMENT EXECUTE FUNCTION sync_ext.access_changed();
+SELECT sync_ext.alter_sync_table('sync_ext.grants', $ddl$CREATE TRIGGER access_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON %1$s
+    FOR EACH STATEMENT EXECUTE FUNCTION sync_ext.access_changed()$ddl$);
+SELECT sync_ext.alter_sync_table('sync_ext.settings', $ddl$CREATE TRIGGER access_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON %1$s
+    FOR EACH STATEMENT EXECUTE FUNCTION sync_ext.access_changed()$ddl$);
 
 -- Administration is the owner's; internal functions are nobody else's.
 REVOKE EXECUTE ON FUNCTION sync_grant_tenant(regrole, text), sync_revoke_tenant(regrole, text),
@@ -85,3 +110,5 @@ REVOKE EXECUTE ON FUNCTION sync_grant_tenant(regrole, text), sync_revoke_tenant(
                            sync_ext.forbid_truncate(), sync_ext.forbid_op_log_update(), sync_ext.access_changed(),
                            sync_ext.tenant_digest(text)
     FROM PUBLIC;
+
+DROP FUNCTION sync_ext.alter_sync_table(regclass, text, boolean);

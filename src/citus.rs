@@ -67,8 +67,7 @@ pub fn table_of_shard(relation: pg_sys::Oid) -> SyncResult<Option<pg_sys::Oid>> 
           WHERE c.oid OPERATOR(pg_catalog.=) $1
             AND s.shardid OPERATOR(pg_catalog.=) pg_catalog.substring(c.relname::pg_catalog.text, '_([0-9]+)$')::pg_catalog.int8
             AND c.relname::pg_catalog.text OPERATOR(pg_catalog.=)
-                (SELECT t.relname::pg_catalog.text FROM pg_catalog.pg_class AS t WHERE t.oid OPERATOR(pg_catalog.=) s.logicalrelid)
-                OPERATOR(pg_catalog.||) '_' OPERATOR(pg_catalog.||) s.shardid::pg_catalog.text",
+                pg_catalog.concat((SELECT t.relname FROM pg_catalog.pg_class AS t WHERE t.oid OPERATOR(pg_catalog.=) s.logicalrelid), '_', s.shardid)",
         &[relation.into()],
     )?)
 }

@@ -368,3 +368,112 @@ pub fn sync_cluster() -> (Cluster, String) {
         (cluster, url)
     })
 }
+
+/// A Citus cluster of its own on loopback: a coordinator and worker nodes, each a [`Cluster`] with Citus
+/// preloaded and a `sync` database in which Citus is created and the nodes know each other (the
+/// coordinator included, so that every node reaches every other). Needs a Postgres with Citus installed
+/// (`PG_CONFIG`; see `scripts/citus-test.sh`). sync_ext is not created: that is the README's recipe.
+pub struct CitusCluster {
+    pub coordinator: Cluster,
+    pub workers: Vec<Cluster>,
+}
+
+/// The `postgresql.conf` lines of every Citus node the tests start.
+const CITUS_SETTINGS: &[&str] = &[
+    "shared_preload_libraries = 'citus'",
+    // Transactions that write on two nodes commit in two phases.
+    "max_prepared_transactions = 100",
+    // Shard moves copy through logical replication.
+    "wal_level = logical",
+    "citus.shard_count = 8",
+];
+
+impl CitusCluster {
+    /// Starts a coordinator and `workers` workers, each with a `sync` database holding Citus, and adds the
+    /// workers (and the coordinator itself) to the cluster's metadata.
+    pub fn start(workers: usize) -> CitusCluster {
+        let coordinator = Cluster::start_with(CITUS_SETTINGS);
+        let workers: Vec<Cluster> = (0..workers).map(|_| Cluster::start_with(CITUS_SETTINGS)).collect();
+        for node in std::iter::once(&coordinator).chain(&workers) {
+            node.connect("postgres").batch_execute("CREATE DATABASE sync").expect("CREATE DATABASE sync");
+            node.connect("sync").batch_execute("CREATE EXTENSION citus").expect("CREATE EXTENSION citus (is Citus installed for PG_CONFIG?)");
+        }
+        let mut admin = coordinator.connect("sync");
+        admin.execute("SELECT citus_set_coordinator_host('127.0.0.1', $1)", &[&i32::from(coordinator.port())]).expect("citus_set_coordinator_host");
+        for worker in &workers {
+            admin.execute("SELECT citus_add_node('127.0.0.1', $1)", &[&i32::from(worker.port())]).expect("citus_add_node");
+        }
+        CitusCluster { coordinator, workers }
+    }
+
+    /// The port of the worker that holds `tenant`'s shard of `table` (the coordinator's port if it holds it).
+    pub fn node_of(&self, table: &str, tenant: &str) -> u16 {
+        let row = self
+            .coordinator
+            .connect("sync")
+            .query_one(
+                "SELECT n.nodeport FROM pg_dist_placement AS p JOIN pg_dist_node AS n USING (groupid)
+                  WHERE p.shardid = get_shard_id_for_distribution_column($1::text::regclass, $2::text)",
+                &[&table, &tenant],
+            )
+            .expect("the placement of a tenant's shard");
+        u16::try_from(row.get::<_, i32>(0)).expect("a port")
+    }
+}
+
+/// The README's SQL examples, run as written.
+pub mod readme {
+    use postgres::Client;
+
+    /// The SQL code blocks of the README section headed `heading`.
+    pub fn sql_blocks(heading: &str) -> Vec<String> {
+        let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).expect("README.md");
+        let start = readme.find(&format!("\n{heading}\n")).unwrap_or_else(|| panic!("README has no {heading}"));
+        let section = &readme[start + heading.len() + 2..];
+        let section = &section[..section.find("\n## ").unwrap_or(section.len())];
+        section.split("```sql\n").skip(1).map(|block| block[..block.find("```").expect("a closed code block")].to_owned()).collect()
+    }
+
+    /// A block's statements (each ending with `;` at the end of a line, before any comment), each with the
+    /// SQLSTATE its comment says it fails with.
+    pub fn statements(block: &str) -> Vec<(String, Option<String>)> {
+        let mut statements = Vec::new();
+        let mut current = String::new();
+        for line in block.lines() {
+            let (code, comment) = line.split_once("--").unwrap_or((line, ""));
+            if code.trim().is_empty() {
+                continue;
+            }
+            current.push_str(code);
+            current.push('\n');
+            if code.trim_end().ends_with(';') {
+                let expected = comment.trim().strip_prefix("error ").map(|code| code.trim().to_owned());
+                statements.push((std::mem::take(&mut current), expected));
+            }
+        }
+        assert!(current.trim().is_empty(), "a statement without its ';': {current}");
+        statements
+    }
+
+    /// Runs every statement of the README section headed `heading` in order, checking the SQLSTATE of those
+    /// marked `-- error NNNNN`, and returns the statements that ran.
+    pub fn run_section(client: &mut Client, heading: &str) -> Vec<String> {
+        let mut ran = Vec::new();
+        for block in sql_blocks(heading) {
+            for (statement, expected) in statements(&block) {
+                let outcome = client.batch_execute(&statement);
+                match (&expected, outcome) {
+                    (None, Ok(())) => {}
+                    (None, Err(error)) => panic!("README statement failed:\n{statement}{error:?}"),
+                    (Some(code), Ok(())) => panic!("README statement should fail with {code}:\n{statement}"),
+                    (Some(code), Err(error)) => {
+                        let actual = error.as_db_error().map(|db| db.code().code().to_owned());
+                        assert_eq!(actual.as_deref(), Some(code.as_str()), "{statement}{error:?}");
+                    }
+                }
+                ran.push(statement);
+            }
+        }
+        ran
+    }
+}

@@ -169,7 +169,12 @@ fn upgrading_from_0_3_0_keeps_data_and_behaviour() {
     upgrade_keeps_data_and_behaviour("0.3.0");
 }
 
-/// A bound table and a tenant's sync state as versions 0.1.0 to 0.3.0 left them: two rows inserted by
+#[test]
+fn upgrading_from_0_4_0_keeps_data_and_behaviour() {
+    upgrade_keeps_data_and_behaviour("0.4.0");
+}
+
+/// A bound table and a tenant's sync state as versions 0.1.0 to 0.4.0 left them: two rows inserted by
 /// plain SQL and one of them updated (seqs 1 to 3).
 const OLD_VERSION_DATA: &str = r#"
     CREATE TABLE todos (id int PRIMARY KEY, tenant_id text NOT NULL, title text, due timestamptz);

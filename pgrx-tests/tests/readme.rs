@@ -2,65 +2,15 @@
 //! a statement marked `-- error NNNNN` fails with that SQLSTATE. Then a device logs in as the section
 //! sets it up and can do exactly what it says.
 
-use postgres::Client;
+use sync_ext_pgrx_tests::readme::run_section;
 use sync_ext_pgrx_tests::Cluster;
-
-/// The SQL code blocks of the README section headed `heading`.
-fn sql_blocks(heading: &str) -> Vec<String> {
-    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).expect("README.md");
-    let start = readme.find(&format!("\n{heading}\n")).unwrap_or_else(|| panic!("README has no {heading}"));
-    let section = &readme[start + heading.len() + 2..];
-    let section = &section[..section.find("\n## ").unwrap_or(section.len())];
-    section.split("```sql\n").skip(1).map(|block| block[..block.find("```").expect("a closed code block")].to_owned()).collect()
-}
-
-/// A block's statements (each ending with `;` at the end of a line, before any comment), each with the
-/// SQLSTATE its comment says it fails with.
-fn statements(block: &str) -> Vec<(String, Option<String>)> {
-    let mut statements = Vec::new();
-    let mut current = String::new();
-    for line in block.lines() {
-        let (code, comment) = line.split_once("--").unwrap_or((line, ""));
-        if code.trim().is_empty() {
-            continue;
-        }
-        current.push_str(code);
-        current.push('\n');
-        if code.trim_end().ends_with(';') {
-            let expected = comment.trim().strip_prefix("error ").map(|code| code.trim().to_owned());
-            statements.push((std::mem::take(&mut current), expected));
-        }
-    }
-    assert!(current.trim().is_empty(), "a statement without its ';': {current}");
-    statements
-}
-
-fn run_section(client: &mut Client, heading: &str) -> usize {
-    let mut count = 0;
-    for block in sql_blocks(heading) {
-        for (statement, expected) in statements(&block) {
-            let outcome = client.batch_execute(&statement);
-            match (&expected, outcome) {
-                (None, Ok(())) => {}
-                (None, Err(error)) => panic!("README statement failed:\n{statement}{error:?}"),
-                (Some(code), Ok(())) => panic!("README statement should fail with {code}:\n{statement}"),
-                (Some(code), Err(error)) => {
-                    let actual = error.as_db_error().map(|db| db.code().code().to_owned());
-                    assert_eq!(actual.as_deref(), Some(code.as_str()), "{statement}{error:?}");
-                }
-            }
-            count += 1;
-        }
-    }
-    count
-}
 
 #[test]
 fn the_security_section_runs_as_written_and_its_device_can_do_what_it_says() {
     let cluster = Cluster::start();
     cluster.create_database("app");
     let mut admin = cluster.connect("app");
-    let ran = run_section(&mut admin, "## Security");
+    let ran = run_section(&mut admin, "## Security").len();
     assert!(ran >= 30, "the section's statements ran ({ran})");
 
     let settings: Vec<(String, String)> =
