@@ -3,30 +3,11 @@
 -- This file is also the last part of a fresh 0.4.0 install (after the 0.1.0 schema and the upgrades
 -- since), so fresh and upgraded databases cannot differ.
 --
--- Under Citus, ALTER EXTENSION sync_ext UPDATE on the coordinator runs this script on every node, so every
--- statement on a table that Citus may distribute goes through sync_ext.alter_sync_table: each node applies
--- it to its own copy of the table and to the table's shards it holds, and sends nothing to other nodes
--- (which would run it before their own copy of this script had created what it refers to).
+-- Under Citus, ALTER EXTENSION sync_ext UPDATE on the coordinator runs this script on every node; every
+-- statement on a sync table goes through sync_ext.alter_sync_table, which applies it to this node's copy of
+-- the table and the table's shards here (see alter_sync_table in src/citus.rs).
 CREATE FUNCTION sync_ext.alter_sync_table(tbl regclass, command text, rows_only boolean DEFAULT false) RETURNS void
-LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET citus.enable_ddl_propagation = off AS $helper$
-DECLARE
-    shard record;
-BEGIN
-    -- %1$s is the relation, %2$s the suffix of its objects' names ('' for the table, '_<shard id>' for a shard).
-    -- A command on rows (rows_only) skips a distributed table itself, which holds none.
-    IF NOT rows_only OR to_regclass('pg_catalog.pg_dist_partition') IS NULL
-       OR NOT EXISTS (SELECT FROM pg_dist_partition WHERE logicalrelid = tbl) THEN
-        EXECUTE format(command, tbl, '');
-    END IF;
-    IF to_regclass('pg_catalog.pg_dist_partition') IS NULL THEN
-        RETURN;
-    END IF;
-    FOR shard IN SELECT s.shardid FROM pg_dist_shard AS s JOIN pg_dist_placement AS p USING (shardid)
-                  WHERE s.logicalrelid = tbl AND p.groupid = (SELECT groupid FROM pg_dist_local_group) LOOP
-        EXECUTE format(command, shard_name(tbl, shard.shardid), '_' || shard.shardid);
-    END LOOP;
-END
-$helper$;
+    STRICT LANGUAGE c AS 'MODULE_PATHNAME', 'alter_sync_table_wrapper';
 
 -- Tenants whose new changes listeners have not heard of yet. A push adds its tenant here instead of
 -- sending NOTIFY in its own transaction (which would serialize commits across tenants); the database's

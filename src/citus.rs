@@ -71,3 +71,51 @@ pub fn table_of_shard(relation: pg_sys::Oid) -> SyncResult<Option<pg_sys::Oid>> 
         &[relation.into()],
     )?)
 }
+
+/// The upgrade scripts' way to change a sync table (`sync_ext.alter_sync_table(tbl, command, rows_only)`,
+/// declared by each script for its own use and dropped at its end): runs `command` on the table and, under
+/// Citus, on each of its shards this node holds, sending nothing to other nodes.
+///
+/// Under Citus, `ALTER EXTENSION sync_ext UPDATE` on the coordinator runs the script on every node, and
+/// each node changes its own copies this way. Left to itself, Citus would send a DDL statement on a
+/// distributed table to the workers as its source text (inside an extension script, the whole script),
+/// and before their own copy of the script had created what the statement refers to.
+///
+/// In `command`, `%1$s` stands for the relation and `%2$s` for the suffix of its objects' names (`''` for
+/// the table, `_<shard id>` for a shard, as Citus names a shard's indexes and constraints). A command on
+/// rows (`rows_only`) skips a distributed table itself, which holds none.
+#[pg_extern(sql = false)]
+fn alter_sync_table(tbl: pg_sys::Oid, command: &str, rows_only: bool) -> Result<(), pgrx::pg_sys::panic::ErrorReport> {
+    Ok(alter_here(tbl, command, rows_only)?)
+}
+
+fn alter_here(tbl: pg_sys::Oid, command: &str, rows_only: bool) -> SyncResult<()> {
+    let name = Spi::get_one_with_args::<String>("SELECT $1::pg_catalog.regclass::pg_catalog.text", &[tbl.into()])?.unwrap_or_default();
+    let on = |relation: &str, suffix: &str| Spi::run(&command.replace("%1$s", relation).replace("%2$s", suffix));
+    // SAFETY: a catalog cache lookup by name.
+    if unsafe { pg_sys::get_relname_relid(c"pg_dist_partition".as_ptr(), pg_sys::PG_CATALOG_NAMESPACE.into()) } == pg_sys::InvalidOid {
+        return Ok(on(&name, "")?);
+    }
+    let propagation = Spi::get_one::<String>("SELECT pg_catalog.set_config('citus.enable_ddl_propagation', 'off', true)")?;
+    let distributed = Spi::get_one_with_args::<bool>("SELECT EXISTS (SELECT FROM pg_catalog.pg_dist_partition WHERE logicalrelid = $1)", &[tbl.into()])?;
+    if !rows_only || distributed != Some(true) {
+        on(&name, "")?;
+    }
+    let shards: Vec<(String, i64)> = Spi::connect(|client| {
+        client
+            .select(
+                "SELECT pg_catalog.shard_name(s.logicalrelid, s.shardid), s.shardid
+                   FROM pg_catalog.pg_dist_shard AS s JOIN pg_catalog.pg_dist_placement AS p USING (shardid)
+                  WHERE s.logicalrelid = $1 AND p.groupid = (SELECT groupid FROM pg_catalog.pg_dist_local_group)",
+                None,
+                &[tbl.into()],
+            )?
+            .map(|row| Ok((row.get::<String>(1)?.unwrap_or_default(), row.get::<i64>(2)?.unwrap_or_default())))
+            .collect::<Result<_, pgrx::spi::Error>>()
+    })?;
+    for (shard, id) in shards {
+        on(&shard, &format!("_{id}"))?;
+    }
+    Spi::get_one_with_args::<String>("SELECT pg_catalog.set_config('citus.enable_ddl_propagation', $1, true)", &[propagation.unwrap_or_else(|| "on".into()).into()])?;
+    Ok(())
+}

@@ -392,8 +392,14 @@ impl CitusCluster {
     /// Starts a coordinator and `workers` workers, each with a `sync` database holding Citus, and adds the
     /// workers (and the coordinator itself) to the cluster's metadata.
     pub fn start(workers: usize) -> CitusCluster {
-        let coordinator = Cluster::start_with(CITUS_SETTINGS);
-        let workers: Vec<Cluster> = (0..workers).map(|_| Cluster::start_with(CITUS_SETTINGS)).collect();
+        CitusCluster::start_with(workers, &[])
+    }
+
+    /// Like [`CitusCluster::start`], with extra `postgresql.conf` lines on every node.
+    pub fn start_with(workers: usize, settings: &[&str]) -> CitusCluster {
+        let settings: Vec<&str> = CITUS_SETTINGS.iter().chain(settings).copied().collect();
+        let coordinator = Cluster::start_with(&settings);
+        let workers: Vec<Cluster> = (0..workers).map(|_| Cluster::start_with(&settings)).collect();
         for node in std::iter::once(&coordinator).chain(&workers) {
             node.connect("postgres").batch_execute("CREATE DATABASE sync").expect("CREATE DATABASE sync");
             node.connect("sync").batch_execute("CREATE EXTENSION citus").expect("CREATE EXTENSION citus (is Citus installed for PG_CONFIG?)");

@@ -334,6 +334,7 @@ fn an_ordinary_role_can_execute_the_sync_api_and_no_other_function_of_the_extens
         "public.sync_register_model",
         "public.sync_unregister_model",
         "public.sync_configure",
+        "public.sync_distribute",
         "sync_ext.forbid_truncate",
         "sync_ext.forbid_op_log_update",
     ] {

@@ -9,6 +9,8 @@
 // The sections' modules live in `bench/` (a binary's root resolves modules next to itself).
 #[path = "bench/bound.rs"]
 mod bound;
+#[path = "bench/citus.rs"]
+mod citus;
 #[path = "bench/harness.rs"]
 mod harness;
 #[path = "bench/pull.rs"]
@@ -27,32 +29,35 @@ use std::time::Instant;
 use harness::{quick, Bench, Section, SERVER_SETTINGS};
 
 /// A section of the document: its name for `SYNC_EXT_BENCH_ONLY`, whether it runs on a cluster with
-/// fsync on, and what measures it.
+/// fsync on, whether it runs only when named (it needs what the machine may lack), and what measures it.
 struct SectionSpec {
     name: &'static str,
     fsync: bool,
+    optional: bool,
     run: fn(&Bench) -> Section,
 }
 
 /// Every section, in the order they run and appear.
-const SECTIONS: [SectionSpec; 11] = [
-    SectionSpec { name: "push", fsync: false, run: push::push_section },
-    SectionSpec { name: "growth", fsync: false, run: push::growth_section },
-    SectionSpec { name: "big-tenant", fsync: false, run: push::big_tenant_section },
-    SectionSpec { name: "concurrency", fsync: true, run: push::concurrency_section },
-    SectionSpec { name: "bound", fsync: false, run: bound::bound_section },
-    SectionSpec { name: "capture", fsync: false, run: bound::capture_section },
-    SectionSpec { name: "pull", fsync: false, run: pull::pull_section },
-    SectionSpec { name: "idle-pull", fsync: false, run: pull::idle_pull_section },
-    SectionSpec { name: "storage", fsync: false, run: storage::storage_section },
-    SectionSpec { name: "scale", fsync: false, run: scale::scale_section },
-    SectionSpec { name: "memory", fsync: false, run: pull::memory_section },
+const SECTIONS: [SectionSpec; 12] = [
+    SectionSpec { name: "push", fsync: false, optional: false, run: push::push_section },
+    SectionSpec { name: "growth", fsync: false, optional: false, run: push::growth_section },
+    SectionSpec { name: "big-tenant", fsync: false, optional: false, run: push::big_tenant_section },
+    SectionSpec { name: "concurrency", fsync: true, optional: false, run: push::concurrency_section },
+    SectionSpec { name: "bound", fsync: false, optional: false, run: bound::bound_section },
+    SectionSpec { name: "capture", fsync: false, optional: false, run: bound::capture_section },
+    SectionSpec { name: "pull", fsync: false, optional: false, run: pull::pull_section },
+    SectionSpec { name: "idle-pull", fsync: false, optional: false, run: pull::idle_pull_section },
+    SectionSpec { name: "storage", fsync: false, optional: false, run: storage::storage_section },
+    SectionSpec { name: "scale", fsync: false, optional: false, run: scale::scale_section },
+    SectionSpec { name: "memory", fsync: false, optional: false, run: pull::memory_section },
+    // Needs Citus installed for PG_CONFIG (see scripts/citus-test.sh).
+    SectionSpec { name: "citus", fsync: false, optional: true, run: citus::citus_section },
 ];
 
 /// The sections `SYNC_EXT_BENCH_ONLY` names (comma-separated), to profile some parts without waiting for
-/// the rest; all of them when it is unset. Panics on a name no section has.
+/// the rest; all but the optional ones when it is unset. Panics on a name no section has.
 fn selected_sections() -> Vec<&'static SectionSpec> {
-    let Ok(only) = std::env::var("SYNC_EXT_BENCH_ONLY") else { return SECTIONS.iter().collect() };
+    let Ok(only) = std::env::var("SYNC_EXT_BENCH_ONLY") else { return SECTIONS.iter().filter(|section| !section.optional).collect() };
     let names: Vec<&str> = only.split(',').map(str::trim).collect();
     let known: Vec<&str> = SECTIONS.iter().map(|section| section.name).collect();
     if let Some(unknown) = names.iter().find(|name| !known.contains(name)) {
@@ -100,7 +105,7 @@ fn main() {
     }
     let durable: Vec<&str> = selected.iter().filter(|section| section.fsync).map(|section| section.name).collect();
     let mut notes = String::new();
-    if selected.len() < SECTIONS.len() {
+    if selected.len() < SECTIONS.iter().filter(|section| !section.optional).count() || selected.iter().any(|section| section.optional) {
         let names: Vec<&str> = selected.iter().map(|section| section.name).collect();
         notes.push_str(&format!(" Only some sections ran (`SYNC_EXT_BENCH_ONLY={}`).", names.join(",")));
     }

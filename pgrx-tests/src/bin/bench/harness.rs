@@ -340,7 +340,7 @@ impl PushWorkload {
     }
 
     /// One run: sets up every connection, starts them together, returns changes/s.
-    fn run(&self, url: &str, stamps: &Stamps, contender: &Contender) -> f64 {
+    pub fn run(&self, url: &str, stamps: &Stamps, contender: &Contender) -> f64 {
         let shared_tenant = fresh_name();
         let barrier = Arc::new(Barrier::new(self.connections + 1));
         let workers: Vec<_> = (0..self.connections)
