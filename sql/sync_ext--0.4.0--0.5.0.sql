@@ -35,12 +35,15 @@ BEGIN
         IF NOT EXISTS (SELECT FROM pg_dist_partition WHERE logicalrelid = name::regclass) THEN
             PERFORM create_distributed_table(name::regclass, 'tenant_id',
                                              colocate_with => CASE WHEN name = 'sync_ext.tenants' THEN 'default' ELSE 'sync_ext.tenants' END);
+            -- Rows the table held (a restored dump) are now in its shards; the stale local copy goes.
+            PERFORM truncate_local_data_after_distributing_table(name::regclass);
         END IF;
     END LOOP;
     -- Small and read by every call: a copy on every node. (sync_ext.wakeups stays each node's own.)
     FOREACH name IN ARRAY ARRAY['sync_ext.grants', 'sync_ext.settings', 'sync_ext.models'] LOOP
         IF NOT EXISTS (SELECT FROM pg_dist_partition WHERE logicalrelid = name::regclass) THEN
             PERFORM create_reference_table(name::regclass);
+            PERFORM truncate_local_data_after_distributing_table(name::regclass);
         END IF;
     END LOOP;
     FOREACH signature IN ARRAY ARRAY['sync_push(text, jsonb)', 'sync_push_msgpack(text, bytea)', 'sync_pull(text, bigint, integer)',

@@ -56,20 +56,36 @@ pub fn distributed() -> bool {
     distributed
 }
 
-/// The distributed table `relation` is a shard of (its name is the table's followed by `_<shard id>`), on
-/// a distributed install; `None` for any other relation.
+/// The distributed table `relation` is a shard of (its name is the table's followed by `_<shard id>`, in
+/// the table's schema), on a distributed install; `None` for any other relation. Read from the catalog
+/// caches and `pg_dist_shard` (Citus hides shards from queries of `pg_class` in client sessions).
 pub fn table_of_shard(relation: pg_sys::Oid) -> SyncResult<Option<pg_sys::Oid>> {
     if !distributed() {
         return Ok(None);
     }
-    Ok(Spi::get_one_with_args::<pg_sys::Oid>(
-        "SELECT s.logicalrelid::pg_catalog.oid FROM pg_catalog.pg_class AS c, pg_catalog.pg_dist_shard AS s
-          WHERE c.oid OPERATOR(pg_catalog.=) $1
-            AND s.shardid OPERATOR(pg_catalog.=) pg_catalog.substring(c.relname::pg_catalog.text, '_([0-9]+)$')::pg_catalog.int8
-            AND c.relname::pg_catalog.text OPERATOR(pg_catalog.=)
-                pg_catalog.concat((SELECT t.relname FROM pg_catalog.pg_class AS t WHERE t.oid OPERATOR(pg_catalog.=) s.logicalrelid), '_', s.shardid)",
-        &[relation.into()],
-    )?)
+    let Some(name) = relation_name(relation) else { return Ok(None) };
+    let Some((table, shard)) = name.rsplit_once('_').and_then(|(table, id)| Some((table.to_owned(), id.parse::<i64>().ok()?))) else {
+        return Ok(None);
+    };
+    let logical = Spi::connect(|client| {
+        let rows = client.select("SELECT logicalrelid::pg_catalog.oid FROM pg_catalog.pg_dist_shard WHERE shardid OPERATOR(pg_catalog.=) $1", Some(1), &[shard.into()])?;
+        if rows.is_empty() {
+            return Ok::<_, pgrx::spi::Error>(None);
+        }
+        rows.first().get_one::<pg_sys::Oid>()
+    })?;
+    // SAFETY: catalog cache lookups by oid.
+    let same_schema = |table: pg_sys::Oid| unsafe { pg_sys::get_rel_namespace(table) == pg_sys::get_rel_namespace(relation) };
+    Ok(logical.filter(|&logical| relation_name(logical).as_deref() == Some(table.as_str()) && same_schema(logical)))
+}
+
+/// A relation's name, from the catalog caches.
+fn relation_name(relation: pg_sys::Oid) -> Option<String> {
+    // SAFETY: a catalog cache lookup; NULL when there is no such relation, else a palloc'd name.
+    unsafe {
+        let name = pg_sys::get_rel_name(relation);
+        (!name.is_null()).then(|| std::ffi::CStr::from_ptr(name).to_string_lossy().into_owned())
+    }
 }
 
 /// The upgrade scripts' way to change a sync table (`sync_ext.alter_sync_table(tbl, command, rows_only)`,

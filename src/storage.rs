@@ -66,21 +66,7 @@ pub enum Lock {
 /// Locks the tenant's counter row until the transaction ends (creating it on first use) and returns
 /// its counters. Pushes to one tenant run one after another from here on; other tenants never wait.
 pub fn lock_tenant(client: &mut SpiClient<'_>, tenant: &str, lock: Lock) -> SyncResult<TenantState> {
-    let mut locked = match lock {
-        Lock::Counters => plans::update(
-            client,
-            "SELECT last_seq, last_hlc, horizon_hlc, digest, applying_push FROM sync_ext.tenants WHERE tenant_id = $1 FOR NO KEY UPDATE",
-            Some(1),
-            &[tenant.into()],
-        )?,
-        Lock::WritingTables => plans::update(
-            client,
-            "UPDATE sync_ext.tenants SET applying_push = true WHERE tenant_id = $1
-             RETURNING last_seq, last_hlc, horizon_hlc, digest, applying_push",
-            None,
-            &[tenant.into()],
-        )?,
-    };
+    let mut locked = lock_row(client, tenant, lock)?;
     if locked.is_empty() {
         locked = plans::update(
             client,
@@ -103,6 +89,25 @@ pub fn lock_tenant(client: &mut SpiClient<'_>, tenant: &str, lock: Lock) -> Sync
         digest: row.get::<i64>(4)?.unwrap_or(0) as u64,
         applying_push: row.get::<bool>(5)?.unwrap_or(false),
     })
+}
+
+/// The statement of [`lock_tenant`] for an existing row: its counters, the row locked.
+fn lock_row<'conn>(client: &mut SpiClient<'conn>, tenant: &str, lock: Lock) -> pgrx::spi::SpiResult<pgrx::spi::SpiTupleTable<'conn>> {
+    match lock {
+        Lock::Counters => plans::update(
+            client,
+            "SELECT last_seq, last_hlc, horizon_hlc, digest, applying_push FROM sync_ext.tenants WHERE tenant_id = $1 FOR NO KEY UPDATE",
+            Some(1),
+            &[tenant.into()],
+        ),
+        Lock::WritingTables => plans::update(
+            client,
+            "UPDATE sync_ext.tenants SET applying_push = true WHERE tenant_id = $1
+             RETURNING last_seq, last_hlc, horizon_hlc, digest, applying_push",
+            None,
+            &[tenant.into()],
+        ),
+    }
 }
 
 /// Ends [`Lock::WritingTables`] for a push that stored nothing (one that stored a batch ends it there).

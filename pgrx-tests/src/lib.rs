@@ -369,7 +369,8 @@ pub fn sync_cluster() -> (Cluster, String) {
     })
 }
 
-/// A Citus cluster of its own on loopback: a coordinator and worker nodes, each a [`Cluster`] with Citus
+/// A Citus cluster of its own on loopback: a coordinator and worker nodes (none: Citus on one node, the
+/// coordinator holding the shards), each a [`Cluster`] with Citus
 /// preloaded and a `sync` database in which Citus is created and the nodes know each other (the
 /// coordinator included, so that every node reaches every other). Needs a Postgres with Citus installed
 /// (`PG_CONFIG`; see `scripts/citus-test.sh`). sync_ext is not created: that is the README's recipe.
@@ -408,6 +409,12 @@ impl CitusCluster {
         admin.execute("SELECT citus_set_coordinator_host('127.0.0.1', $1)", &[&i32::from(coordinator.port())]).expect("citus_set_coordinator_host");
         for worker in &workers {
             admin.execute("SELECT citus_add_node('127.0.0.1', $1)", &[&i32::from(worker.port())]).expect("citus_add_node");
+        }
+        if workers.is_empty() {
+            // Citus on one node: the coordinator holds the shards.
+            admin
+                .execute("SELECT citus_set_node_property('127.0.0.1', $1, 'shouldhaveshards', true)", &[&i32::from(coordinator.port())])
+                .expect("citus_set_node_property");
         }
         CitusCluster { coordinator, workers }
     }
