@@ -10,8 +10,15 @@
 //!   statement over all of them (which Citus would fan out to every node and commit in two phases);
 //! - pushes never send NOTIFY themselves (a transaction that ran NOTIFY cannot be prepared, and Citus
 //!   prepares every transaction that wrote on two nodes); the notifier sends wake-ups to every node.
+//!
+//! Where this node holds the tenant's shards (a call delegated to the tenant's node, or any call there),
+//! the engine's statements name those shards instead of the distributed tables (see [`Placement`]): they
+//! are plain tables, planned once and kept as on one node, with none of Citus's planning per statement.
+//! Writes hold the shards' placement lock (as Citus's own writes do), so a shard move waits for them
+//! and they wait for it.
 
-use std::cell::Cell;
+use std::borrow::Cow;
+use std::cell::{Cell, RefCell};
 
 use pgrx::prelude::*;
 
@@ -21,6 +28,85 @@ use crate::kept;
 thread_local! {
     /// Whether `sync_ext.op_log` is distributed, and the kept generation that was read in.
     static KEPT: Cell<Option<(u64, bool)>> = const { Cell::new(None) };
+    /// The shards the engine's statements name while [`Placement::run`] runs.
+    static LOCAL: RefCell<Option<LocalShards>> = const { RefCell::new(None) };
+}
+
+/// The sync tables whose shards a tenant's statements may name directly (co-located: on one node).
+const SHARDED: [&str; 3] = ["sync_ext.tenants", "sync_ext.op_log", "sync_ext.snapshots"];
+
+/// The names of one tenant's shards of [`SHARDED`], in that order.
+#[derive(Clone)]
+struct LocalShards([String; 3]);
+
+/// Where a tenant's sync state is for the engine: on this node's shards, or behind Citus (or on one
+/// plain node, when nothing is distributed).
+#[derive(Clone)]
+pub struct Placement(Option<LocalShards>);
+
+/// What a call does with the tenant's sync tables.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    Read,
+    Write,
+}
+
+/// Where `tenant`'s sync state is. A writer first takes the shards' placement lock for the rest of the
+/// transaction (`lock_shard_metadata`, share mode: a shard move takes it exclusively), then looks.
+pub fn placement(tenant: &str, access: Access) -> SyncResult<Placement> {
+    if !distributed() {
+        return Ok(Placement(None));
+    }
+    let shards = Spi::get_one_with_args::<Vec<i64>>(
+        "SELECT array_agg(pg_catalog.get_shard_id_for_distribution_column(t.rel::pg_catalog.regclass, $1) ORDER BY t.n)
+           FROM pg_catalog.unnest($2::pg_catalog.text[]) WITH ORDINALITY AS t(rel, n)",
+        &[tenant.into(), SHARDED.to_vec().into()],
+    )?
+    .unwrap_or_default();
+    if access == Access::Write {
+        Spi::run_with_args("SELECT pg_catalog.lock_shard_metadata(5, $1)", &[shards.clone().into()])?;
+    }
+    let local = Spi::get_one_with_args::<Vec<String>>(
+        "SELECT array_agg(pg_catalog.shard_name(s.logicalrelid, s.shardid) ORDER BY t.n)
+           FROM pg_catalog.unnest($1::pg_catalog.int8[]) WITH ORDINALITY AS t(shardid, n)
+           JOIN pg_catalog.pg_dist_shard AS s ON s.shardid OPERATOR(pg_catalog.=) t.shardid
+          WHERE EXISTS (SELECT FROM pg_catalog.pg_dist_placement AS p
+                         WHERE p.shardid OPERATOR(pg_catalog.=) t.shardid
+                           AND p.groupid OPERATOR(pg_catalog.=) (SELECT groupid FROM pg_catalog.pg_dist_local_group))",
+        &[shards.into()],
+    )?
+    .unwrap_or_default();
+    Ok(Placement(<[String; 3]>::try_from(local).ok().map(LocalShards)))
+}
+
+impl Placement {
+    /// Runs `work` with the engine's statements on the tenant's shards, when this node holds them.
+    pub fn run<T>(&self, work: impl FnOnce() -> T) -> T {
+        struct Restore(Option<LocalShards>);
+        impl Drop for Restore {
+            fn drop(&mut self) {
+                LOCAL.set(self.0.take());
+            }
+        }
+        let _restore = Restore(LOCAL.replace(self.0.clone()));
+        work()
+    }
+}
+
+/// Whether the engine's statements go through Citus: the sync tables are distributed and the statement is
+/// not on local shards (see [`Placement`]).
+pub fn routed() -> bool {
+    distributed() && LOCAL.with_borrow(Option::is_none)
+}
+
+/// `sql` naming the local shards for the sync tables while [`Placement::run`] runs on them.
+pub fn local_sql(sql: &str) -> Cow<'_, str> {
+    LOCAL.with_borrow(|local| match local {
+        Some(LocalShards(shards)) => {
+            Cow::Owned(SHARDED.iter().zip(shards).fold(sql.to_owned(), |sql, (table, shard)| sql.replace(table, shard)))
+        }
+        None => Cow::Borrowed(sql),
+    })
 }
 
 /// Whether the sync tables are distributed by Citus (kept per backend until the log's relation is
@@ -38,18 +124,20 @@ pub fn distributed() -> bool {
         let op_log = if schema == pg_sys::InvalidOid { pg_sys::InvalidOid } else { pg_sys::get_relname_relid(c"op_log".as_ptr(), schema) };
         (op_log, pg_sys::get_relname_relid(c"pg_dist_partition".as_ptr(), pg_sys::PG_CATALOG_NAMESPACE.into()))
     };
-    if op_log == pg_sys::InvalidOid || metadata == pg_sys::InvalidOid {
-        return false;
+    if op_log == pg_sys::InvalidOid {
+        return false; // not installed (yet): nothing to keep
     }
     kept::watch(op_log);
     let generation = kept::generation();
-    let distributed = Spi::get_one_with_args::<bool>(
-        "SELECT EXISTS (SELECT FROM pg_catalog.pg_dist_partition WHERE logicalrelid OPERATOR(pg_catalog.=) $1)",
-        &[op_log.into()],
-    )
-    .ok()
-    .flatten()
-    .unwrap_or(false);
+    // Without Citus's catalog nothing is distributed; distributing the log later invalidates it.
+    let distributed = metadata != pg_sys::InvalidOid
+        && Spi::get_one_with_args::<bool>(
+            "SELECT EXISTS (SELECT FROM pg_catalog.pg_dist_partition WHERE logicalrelid OPERATOR(pg_catalog.=) $1)",
+            &[op_log.into()],
+        )
+        .ok()
+        .flatten()
+        .unwrap_or(false);
     if kept::generation() == generation {
         KEPT.set(Some((generation, distributed)));
     }

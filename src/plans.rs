@@ -8,8 +8,9 @@
 //! take arrays anew for every small batch (a custom plan that knows the array's length looks cheaper),
 //! and the generic plans (index lookups per element) are the right ones at every batch size.
 //!
-//! On a distributed install (see [`crate::citus`]) Postgres chooses instead: Citus routes a statement by
-//! the values of its arguments, and makes the generic plans it cannot route look too costly to be chosen.
+//! On a distributed install (see [`crate::citus`]) Postgres chooses instead for the statements Citus routes:
+//! Citus routes a statement by the values of its arguments, and makes the generic plans it cannot route look
+//! too costly to be chosen. Statements on a tenant's local shards are plain tables' and planned as above.
 //!
 //! And they are planned without parallel workers: each touches one tenant's few rows, and a generic plan
 //! cannot tell a tenant from the whole table, so it would start workers on every call (a pull's reset
@@ -31,8 +32,11 @@ thread_local! {
 /// and set of columns written, which clients choose, so past this many they are all planned again.
 const KEPT_STATEMENTS: usize = 1_000;
 
-/// The kept plan of `sql`, prepared on first use for the types of `args`.
+/// The kept plan of `sql` (on a tenant's local shards, see [`crate::citus::Placement`]), prepared on first
+/// use for the types of `args`.
 fn kept(client: &SpiClient<'_>, sql: &str, args: &[DatumWithOid<'_>]) -> SpiResult<Rc<OwnedPreparedStatement>> {
+    let sql = crate::citus::local_sql(sql);
+    let sql = sql.as_ref();
     if let Some(plan) = KEPT.with_borrow(|kept| kept.get(sql).cloned()) {
         return Ok(plan);
     }
@@ -82,7 +86,7 @@ fn with_generic_plans<T>(execute: impl FnOnce() -> T) -> T {
             }
         }
     }
-    let mode = if crate::citus::distributed() { pg_sys::PlanCacheMode::PLAN_CACHE_MODE_AUTO } else { pg_sys::PlanCacheMode::PLAN_CACHE_MODE_FORCE_GENERIC_PLAN };
+    let mode = if crate::citus::routed() { pg_sys::PlanCacheMode::PLAN_CACHE_MODE_AUTO } else { pg_sys::PlanCacheMode::PLAN_CACHE_MODE_FORCE_GENERIC_PLAN };
     // SAFETY: as above; the backend is single-threaded.
     let _restore = unsafe {
         let restore = Restore { plan_cache_mode: pg_sys::plan_cache_mode, parallel_workers: pg_sys::max_parallel_workers_per_gather };

@@ -136,7 +136,7 @@ fn pull_page<T>(tenant: &str, since: i64, max_changes: i32, body: impl FnOnce(Pa
         let settings = authorize(engine, tenant)?;
         let limit = max_changes.min(settings.max_pull_changes);
         let args = [tenant.into(), since.into(), limit.into(), settings.max_pull_bytes.into()];
-        Spi::connect(|client| {
+        crate::citus::placement(tenant, crate::citus::Access::Read)?.run(|| Spi::connect(|client| {
             let row = crate::plans::select(client, PULL_PAGE, Some(1), &args)?.first();
             let changes = row.get_datum_by_ordinal(1)?.ok_or(pgrx::spi::Error::InvalidPosition)?;
             let page = Page {
@@ -149,7 +149,7 @@ fn pull_page<T>(tenant: &str, since: i64, max_changes: i32, body: impl FnOnce(Pa
                 digest: row.get(5)?,
             };
             Ok(body(page))
-        })
+        }))
     })
 }
 

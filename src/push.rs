@@ -12,6 +12,7 @@ use sync_ext_protocol::wire::PushLimits;
 use sync_ext_protocol::{merge_batch, parse_changes, validate_tenant, BatchContext, BatchOutcome, Change, ParsedBatch, PushResponse, RowKey, Status};
 
 use crate::auth::authorize;
+use crate::citus::{self, Access, Placement};
 use crate::errors::{SyncError, SyncResult};
 use crate::identity::as_engine;
 use crate::jsonb::{Body, ByteaBody, JsonbBody, JsonbDatum};
@@ -43,12 +44,13 @@ fn sync_push_msgpack(tenant: &str, changes: ByteaBody) -> Result<Vec<u8>, ErrorR
 pub fn push(tenant: &str, body: &Body, read: impl FnOnce() -> SyncResult<Value>) -> SyncResult<PushResponse> {
     validate_tenant(tenant)?;
     // Batches of unbound models are done in one pass by the engine (reading the body runs no SQL).
-    let Bound { mut changes, mut refused, skew, models, limits } = match as_engine(|engine| {
+    let Bound { mut changes, mut refused, skew, models, limits, placement } = match as_engine(|engine| {
         let settings = authorize(engine, tenant)?;
         let limits = Some(settings.push_limits_for_clients());
         body.check_size("changes", settings.max_push_bytes)?;
         let ParsedBatch { changes, refused } = parse_changes(&read()?, &settings.push_limits())?;
-        Spi::connect_mut(|client| {
+        let placement = citus::placement(tenant, Access::Write)?;
+        placement.run(|| Spi::connect_mut(|client| {
             if changes.is_empty() {
                 return Ok(FirstPass::Done(PushResponse { cursor: storage::last_seq(client, tenant)?, results: Vec::new(), limits }));
             }
@@ -56,12 +58,12 @@ pub fn push(tenant: &str, body: &Body, read: impl FnOnce() -> SyncResult<Value>)
             let names: BTreeSet<&str> = changes.iter().map(|change| change.model.as_str()).collect();
             let models = Model::load_named(client, &names.into_iter().collect::<Vec<_>>())?;
             if !models.is_empty() {
-                return Ok(FirstPass::Bound(Bound { changes, refused, skew: settings.max_clock_skew_ms, models, limits }));
+                return Ok(FirstPass::Bound(Bound { changes, refused, skew: settings.max_clock_skew_ms, models, limits, placement: placement.clone() }));
             }
             let state = storage::lock_tenant(client, tenant, Lock::Counters)?;
             let outcome = store_batch(client, tenant, &state, &changes, refused, settings.max_clock_skew_ms)?;
             Ok(FirstPass::Done(PushResponse { cursor: outcome.last_seq, results: outcome.results, limits }))
-        })
+        }))
     })? {
         FirstPass::Done(response) => return Ok(response),
         FirstPass::Bound(bound) => bound,
@@ -69,13 +71,13 @@ pub fn push(tenant: &str, body: &Body, read: impl FnOnce() -> SyncResult<Value>)
     for (index, reason) in models::normalize_changes(&mut changes, tenant, &models, &refused) {
         refused.insert(index, reason);
     }
-    let (state, mut merged) = as_engine(|_| Spi::connect_mut(|client| {
+    let (state, mut merged) = placement.run(|| as_engine(|_| Spi::connect_mut(|client| {
         let state = storage::lock_tenant(client, tenant, Lock::WritingTables)?;
         let merged = merge(client, tenant, &state, &changes, refused.clone(), skew)?;
         Ok((state, merged))
-    }))?;
+    })))?;
     let refused_rows = models::write_rows(tenant, &models, &pending_writes(&merged.outcome, &models))?;
-    as_engine(|_| Spi::connect_mut(|client| {
+    placement.run(|| as_engine(|_| Spi::connect_mut(|client| {
         if !refused_rows.is_empty() {
             for (index, change) in changes.iter().enumerate() {
                 let duplicate = matches!(merged.outcome.results[index].status, Status::Duplicate { .. });
@@ -87,7 +89,7 @@ pub fn push(tenant: &str, body: &Body, read: impl FnOnce() -> SyncResult<Value>)
         }
         store(client, tenant, &state, &changes, &merged)?;
         Ok(PushResponse { cursor: merged.outcome.last_seq, results: merged.outcome.results, limits })
-    }))
+    })))
 }
 
 /// How far the engine's first pass got: the whole push, or a batch of bound models to decode and write
@@ -106,6 +108,8 @@ struct Bound {
     skew: i32,
     models: HashMap<String, Model>,
     limits: Option<PushLimits>,
+    /// Where the tenant's sync state is (its shards' placement lock is held already).
+    placement: Placement,
 }
 /// The final states of the registered models' rows that a batch changed, to write into their tables.
 fn pending_writes(outcome: &BatchOutcome, models: &HashMap<String, Model>) -> PendingWrites {

@@ -230,7 +230,7 @@ pub fn write_batch(client: &mut SpiClient<'_>, tenant: &str, changes: &[Change],
         (digest as i64).into(),
         route.notifies_itself().into(),
     ];
-    if crate::citus::distributed() {
+    if crate::citus::routed() {
         for statement in &WRITE_BATCH.each {
             plans::update(client, statement, None, &args)?;
         }

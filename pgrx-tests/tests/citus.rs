@@ -294,11 +294,27 @@ fn wakeups_reach_every_node(cluster: &CitusCluster, admin: &mut Client) {
 }
 
 /// Moving a tenant's shard group to the other worker keeps its sync state: pulls before and after agree,
-/// and pushes continue its seqs.
+/// pushes made while it moves wait for it and are all kept, and seqs continue.
 fn a_tenant_moves_to_the_other_worker(cluster: &CitusCluster, admin: &mut Client) {
     let from = cluster.node_of("sync_ext.tenants", "acme");
     let to = cluster.workers.iter().map(|w| w.port()).find(|&port| port != from).unwrap();
     let before = pull_all(admin, "acme", 0, 50).unwrap();
+    let moving = Arc::new(AtomicBool::new(true));
+    let pusher = {
+        let (url, moving) = (cluster.coordinator.connection_string("sync"), moving.clone());
+        std::thread::spawn(move || {
+            let mut client = Client::connect(&url, NoTls).unwrap();
+            let mut applied = Vec::new();
+            while moving.load(Ordering::SeqCst) || applied.len() < 10 {
+                let pushed = push(&mut client, "acme", &[change(Op::Insert, "note", &Uuid::new_v4().to_string(), hlc_ago(0, 0), "mover", json!({}))]).unwrap();
+                applied.extend(pushed.results.iter().filter_map(|result| match result.status {
+                    Status::Applied { seq } => Some(seq),
+                    _ => None,
+                }));
+            }
+            applied
+        })
+    };
     admin
         .execute(
             "SELECT citus_move_shard_placement(get_shard_id_for_distribution_column('sync_ext.tenants', 'acme'), '127.0.0.1', $1, '127.0.0.1', $2,
@@ -306,16 +322,25 @@ fn a_tenant_moves_to_the_other_worker(cluster: &CitusCluster, admin: &mut Client
             &[&i32::from(from), &i32::from(to)],
         )
         .unwrap();
+    moving.store(false, Ordering::SeqCst);
+    let applied_while_moving = pusher.join().unwrap();
     assert_eq!(cluster.node_of("sync_ext.tenants", "acme"), to);
     assert_eq!(cluster.node_of("sync_ext.op_log", "acme"), to, "co-located shards move together");
     assert_eq!(cluster.node_of("todos", "acme"), to);
     let after = pull_all(admin, "acme", 0, 50).unwrap();
-    assert_eq!(serde_json::to_value(&after.changes).unwrap(), serde_json::to_value(&before.changes).unwrap());
+    assert_eq!(
+        serde_json::to_value(&after.changes[..before.changes.len()]).unwrap(),
+        serde_json::to_value(&before.changes).unwrap(),
+        "the history from before the move is intact"
+    );
+    let later: Vec<i64> = after.changes[before.changes.len()..].iter().map(|c| c.seq).collect();
+    assert_eq!(later, applied_while_moving, "every push acked during the move is there, in order, gap-free");
+    assert_eq!(later, (before.cursor + 1..=after.cursor).collect::<Vec<_>>());
     let next = push(admin, "acme", &[change(Op::Update, "todo", &before.changes[0].pk, hlc_ago(0, 0), "phone", json!({"title": "moved"}))]).unwrap();
-    assert_eq!(next.cursor, before.cursor + 1, "seqs continue on the new node");
+    assert_eq!(next.cursor, after.cursor + 1, "seqs continue on the new node");
     admin.batch_execute("UPDATE todos SET done = false WHERE tenant_id = 'acme'").unwrap();
     assert_eq!(device_rows(admin, "acme", "todo").len(), server_rows(admin, "acme", "todo").len());
-    println!("shard move: acme from {from} to {to}; log, snapshots and bound rows intact, seqs continue");
+    println!("shard move: acme from {from} to {to} with {} pushes acked during it; log, snapshots and bound rows intact, seqs continue", applied_while_moving.len());
 }
 
 /// A distributed install of 0.1.0 updated to this version: the scripts run on every node, the tables
