@@ -57,24 +57,35 @@ pub fn placement(tenant: &str, access: Access) -> SyncResult<Placement> {
     if !distributed() {
         return Ok(Placement(None));
     }
-    let shards = Spi::get_one_with_args::<Vec<i64>>(
-        "SELECT array_agg(pg_catalog.get_shard_id_for_distribution_column(t.rel::pg_catalog.regclass, $1) ORDER BY t.n)
-           FROM pg_catalog.unnest($2::pg_catalog.text[]) WITH ORDINALITY AS t(rel, n)",
-        &[tenant.into(), SHARDED.to_vec().into()],
-    )?
-    .unwrap_or_default();
-    if access == Access::Write {
-        Spi::run_with_args("SELECT pg_catalog.lock_shard_metadata(5, $1)", &[shards.clone().into()])?;
-    }
-    let local = Spi::get_one_with_args::<Vec<String>>(
-        "SELECT array_agg(pg_catalog.shard_name(s.logicalrelid, s.shardid) ORDER BY t.n)
-           FROM pg_catalog.unnest($1::pg_catalog.int8[]) WITH ORDINALITY AS t(shardid, n)
-           JOIN pg_catalog.pg_dist_shard AS s ON s.shardid OPERATOR(pg_catalog.=) t.shardid
-          WHERE EXISTS (SELECT FROM pg_catalog.pg_dist_placement AS p
-                         WHERE p.shardid OPERATOR(pg_catalog.=) t.shardid
-                           AND p.groupid OPERATOR(pg_catalog.=) (SELECT groupid FROM pg_catalog.pg_dist_local_group))",
-        &[shards.into()],
-    )?
+    // Kept plans: these run on every call.
+    let local = Spi::connect_mut(|client| {
+        let shards = crate::plans::select(
+            client,
+            "SELECT array_agg(pg_catalog.get_shard_id_for_distribution_column(t.rel::pg_catalog.regclass, $1) ORDER BY t.n)
+               FROM pg_catalog.unnest($2::pg_catalog.text[]) WITH ORDINALITY AS t(rel, n)",
+            Some(1),
+            &[tenant.into(), SHARDED.to_vec().into()],
+        )?
+        .first()
+        .get_one::<Vec<i64>>()?
+        .unwrap_or_default();
+        if access == Access::Write {
+            crate::plans::update(client, "SELECT pg_catalog.lock_shard_metadata(5, $1)", None, &[shards.clone().into()])?;
+        }
+        crate::plans::select(
+            client,
+            "SELECT array_agg(pg_catalog.shard_name(s.logicalrelid, s.shardid) ORDER BY t.n)
+               FROM pg_catalog.unnest($1::pg_catalog.int8[]) WITH ORDINALITY AS t(shardid, n)
+               JOIN pg_catalog.pg_dist_shard AS s ON s.shardid OPERATOR(pg_catalog.=) t.shardid
+              WHERE EXISTS (SELECT FROM pg_catalog.pg_dist_placement AS p
+                             WHERE p.shardid OPERATOR(pg_catalog.=) t.shardid
+                               AND p.groupid OPERATOR(pg_catalog.=) (SELECT groupid FROM pg_catalog.pg_dist_local_group))",
+            Some(1),
+            &[shards.into()],
+        )?
+        .first()
+        .get_one::<Vec<String>>()
+    })?
     .unwrap_or_default();
     Ok(Placement(<[String; 3]>::try_from(local).ok().map(LocalShards)))
 }

@@ -22,10 +22,12 @@
 //! terminated is sent by the next one, which the next push starts.
 //!
 //! On a distributed install (see [`crate::citus`]) every node has its own notifier, which sends each
-//! wake-up to every node of the cluster, and pushes never notify themselves: a push that finds no
+//! wake-up on its node at once and to the other nodes at most every [`FORWARD_INTERVAL`] (gathered, as
+//! each forward opens a connection per node), and pushes never notify themselves: a push that finds no
 //! notifier (or one exiting) leaves its wake-up for the next sweep, which may wait for the next push.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
+use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, BgWorkerStartTime, SignalWakeFlags};
@@ -241,22 +243,64 @@ WITH woken AS (DELETE FROM sync_ext.wakeups RETURNING tenant_id)
 SELECT count(pg_catalog.pg_notify('sync_ext', tenant_id))
   FROM (SELECT DISTINCT tenant_id FROM woken) AS tenants";
 
-/// [`SWEEP`] on a distributed install: the NOTIFYs are sent on every node of the cluster (this one
-/// included), each in a transaction of its own, so listeners hear of a push wherever they listen.
-const SWEEP_ALL_NODES: &str = "
+/// [`SWEEP`] on a distributed install, first half: the pending wake-ups' tenants, notified here.
+const SWEEP_NAMES: &str = "
 WITH woken AS (DELETE FROM sync_ext.wakeups RETURNING tenant_id),
-     tenants AS (SELECT array_agg(DISTINCT tenant_id) AS names FROM woken),
-     sent AS (SELECT count(*) FROM tenants, pg_catalog.run_command_on_all_nodes(
-                  pg_catalog.format('SELECT pg_catalog.count(pg_catalog.pg_notify(%L, t)) FROM pg_catalog.unnest(%L::text[]) AS t',
-                                    'sync_ext', tenants.names))
-               WHERE tenants.names IS NOT NULL)
-SELECT coalesce(cardinality(names), 0) FROM tenants, sent";
+     tenants AS (SELECT DISTINCT tenant_id FROM woken)
+SELECT array_agg(tenant_id) AS notified, count(pg_catalog.pg_notify('sync_ext', tenant_id)) AS woken FROM tenants";
 
-/// One sweep in its own transaction.
-fn sweep() -> i64 {
+/// The second half: the same NOTIFYs on every other node of the cluster (each on a connection of its own,
+/// as Citus opens for `master_run_on_worker`), so listeners hear of a push wherever they listen.
+const FORWARD: &str = "
+SELECT count(*) FROM (
+    SELECT pg_catalog.master_run_on_worker(array_agg(n.nodename), array_agg(n.nodeport),
+               array_agg(pg_catalog.format('SELECT pg_catalog.count(pg_catalog.pg_notify(%L, t)) FROM pg_catalog.unnest(%L::text[]) AS t',
+                                           'sync_ext', $1::text[])),
+               true)
+      FROM pg_catalog.pg_dist_node AS n
+     WHERE n.isactive AND n.noderole = 'primary'
+       AND n.groupid <> (SELECT groupid FROM pg_catalog.pg_dist_local_group)
+    HAVING count(*) > 0) AS sent";
+
+/// How often the notifier of a distributed install forwards wake-ups to the other nodes at most: each
+/// forward opens a connection to every node, so wake-ups are gathered for this long first.
+const FORWARD_INTERVAL: Duration = Duration::from_millis(100);
+
+thread_local! {
+    /// The tenants woken here that the other nodes have not been told of yet, and when they last were.
+    static TO_FORWARD: RefCell<(BTreeSet<String>, Option<Instant>)> = const { RefCell::new((BTreeSet::new(), None)) };
+}
+
+/// One sweep in its own transaction; returns how many tenants it woke. On a distributed install it also
+/// forwards what is gathered once [`FORWARD_INTERVAL`] has passed (or at once with `flush`).
+fn sweep(flush: bool) -> i64 {
     BackgroundWorker::transaction(|| {
-        let sweep = if crate::citus::distributed() { SWEEP_ALL_NODES } else { SWEEP };
-        Spi::get_one::<i64>(sweep).ok().flatten().unwrap_or(0)
+        if !crate::citus::distributed() {
+            return Spi::get_one::<i64>(SWEEP).ok().flatten().unwrap_or(0);
+        }
+        let (notified, woken) = Spi::get_two::<Vec<String>, i64>(SWEEP_NAMES).unwrap_or((None, None));
+        let due = TO_FORWARD.with_borrow_mut(|(pending, last)| {
+            pending.extend(notified.unwrap_or_default());
+            let due = !pending.is_empty() && (flush || last.is_none_or(|at| at.elapsed() >= FORWARD_INTERVAL));
+            due.then(|| {
+                *last = Some(Instant::now());
+                std::mem::take(pending).into_iter().collect::<Vec<_>>()
+            })
+        });
+        if let Some(tenants) = due {
+            Spi::run_with_args(FORWARD, &[tenants.into()]).ok();
+        }
+        woken.unwrap_or(0)
+    })
+}
+
+/// How long the notifier may sleep: until wake-ups gathered for the other nodes are due, at most
+/// [`SWEEP_INTERVAL`].
+fn next_sweep_in() -> Duration {
+    TO_FORWARD.with_borrow(|(pending, last)| match last {
+        Some(at) if !pending.is_empty() => FORWARD_INTERVAL.saturating_sub(at.elapsed()).min(SWEEP_INTERVAL),
+        None if !pending.is_empty() => Duration::ZERO,
+        _ => SWEEP_INTERVAL,
     })
 }
 
@@ -285,10 +329,10 @@ pub extern "C-unwind" fn sync_ext_notifier_main(argument: pg_sys::Datum) {
     }
     let mut last_wakeup = Instant::now();
     loop {
-        if sweep() > 0 {
+        if sweep(false) > 0 {
             last_wakeup = Instant::now();
         }
-        if !BackgroundWorker::wait_latch(Some(SWEEP_INTERVAL)) {
+        if !BackgroundWorker::wait_latch(Some(next_sweep_in())) {
             return; // terminated: the next notifier sends what is left
         }
         if last_wakeup.elapsed() >= IDLE_EXIT {
@@ -299,7 +343,7 @@ pub extern "C-unwind" fn sync_ext_notifier_main(argument: pg_sys::Datum) {
     BackgroundWorker::transaction(|| {
         Spi::run_with_args("SELECT pg_advisory_lock($1, $2)", &[LOCK_CLASS.into(), HANDOVER_LOCK.into()]).ok();
     });
-    sweep();
+    sweep(true);
     BackgroundWorker::transaction(|| {
         Spi::run_with_args("SELECT pg_advisory_unlock($1, $2)", &[LOCK_CLASS.into(), NOTIFIER_LOCK.into()]).ok();
     });
