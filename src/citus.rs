@@ -57,31 +57,36 @@ pub fn placement(tenant: &str, access: Access) -> SyncResult<Placement> {
     if !distributed() {
         return Ok(Placement(None));
     }
-    // Kept plans: these run on every call.
+    // Kept plans: they run on every call. The lock is taken in a statement of its own, so that the
+    // placement is read after it was granted (a statement reads what was committed when it started).
     let local = Spi::connect_mut(|client| {
-        let shards = crate::plans::select(
-            client,
-            "SELECT array_agg(pg_catalog.get_shard_id_for_distribution_column(t.rel::pg_catalog.regclass, $1) ORDER BY t.n)
-               FROM pg_catalog.unnest($2::pg_catalog.text[]) WITH ORDINALITY AS t(rel, n)",
-            Some(1),
-            &[tenant.into(), SHARDED.to_vec().into()],
-        )?
-        .first()
-        .get_one::<Vec<i64>>()?
-        .unwrap_or_default();
-        if access == Access::Write {
-            crate::plans::update(client, "SELECT pg_catalog.lock_shard_metadata(5, $1)", None, &[shards.clone().into()])?;
-        }
+        let shards = if access == Access::Write {
+            crate::plans::update(
+                client,
+                "SELECT s.shards FROM (SELECT array_agg(pg_catalog.get_shard_id_for_distribution_column(t.rel::pg_catalog.regclass, $1) ORDER BY t.n) AS shards
+                                         FROM pg_catalog.unnest($2::pg_catalog.text[]) WITH ORDINALITY AS t(rel, n)) AS s,
+                        LATERAL pg_catalog.lock_shard_metadata(5, s.shards)",
+                Some(1),
+                &[tenant.into(), SHARDED.to_vec().into()],
+            )?
+            .first()
+            .get_one::<Vec<i64>>()?
+        } else {
+            None
+        };
         crate::plans::select(
             client,
             "SELECT array_agg(pg_catalog.shard_name(s.logicalrelid, s.shardid) ORDER BY t.n)
-               FROM pg_catalog.unnest($1::pg_catalog.int8[]) WITH ORDINALITY AS t(shardid, n)
+               FROM pg_catalog.unnest(coalesce($3::pg_catalog.int8[],
+                        ARRAY(SELECT pg_catalog.get_shard_id_for_distribution_column(r::pg_catalog.regclass, $1)
+                                FROM pg_catalog.unnest($2::pg_catalog.text[]) WITH ORDINALITY AS n(r, i) ORDER BY i)))
+                    WITH ORDINALITY AS t(shardid, n)
                JOIN pg_catalog.pg_dist_shard AS s ON s.shardid OPERATOR(pg_catalog.=) t.shardid
               WHERE EXISTS (SELECT FROM pg_catalog.pg_dist_placement AS p
                              WHERE p.shardid OPERATOR(pg_catalog.=) t.shardid
                                AND p.groupid OPERATOR(pg_catalog.=) (SELECT groupid FROM pg_catalog.pg_dist_local_group))",
             Some(1),
-            &[shards.into()],
+            &[tenant.into(), SHARDED.to_vec().into(), shards.into()],
         )?
         .first()
         .get_one::<Vec<String>>()
