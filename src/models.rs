@@ -914,6 +914,31 @@ mod tests {
     }
 
     #[pg_test]
+    fn a_key_that_holds_the_tenant_column_is_the_rest_of_the_key_on_the_wire() {
+        Spi::run(
+            "CREATE TABLE notes (tenant_id text NOT NULL, id int NOT NULL, body text, PRIMARY KEY (tenant_id, id));
+             SELECT sync_register_model('todo', 'notes', tenant_column => 'tenant_id');",
+        )
+        .unwrap();
+        let mut update = change(2, "7", "update", json!({"body": "edited"}));
+        update["hlc"] = json!("2026-01-01T00:00:01.000Z-0000");
+        let pushed = push("acme", json!([change(1, "7", "insert", json!({"body": "first"})), update]));
+        assert_eq!(statuses(&pushed), ["applied", "applied"]);
+        push("globex", json!([change(3, "7", "insert", json!({"body": "globex's seven"}))]));
+        let rows = || text("SELECT string_agg(tenant_id || '/' || id || '=' || body, ',' ORDER BY tenant_id) FROM notes");
+        assert_eq!(rows().as_deref(), Some("acme/7=edited,globex/7=globex's seven"), "the same id in two tenants is two rows");
+        Spi::run("UPDATE notes SET body = 'from SQL' WHERE tenant_id = 'globex'").unwrap();
+        let captured = pull("globex", 1, 10)["changes"][0].clone();
+        assert_eq!((captured["pk"].clone(), captured["value"].clone()), (json!("7"), json!({"body": "from SQL"})), "captured with the wire pk");
+        let mut delete = change(4, "7", "delete", Value::Null);
+        delete["hlc"] = json!("2026-01-01T00:00:02.000Z-0000");
+        push("acme", json!([delete]));
+        assert_eq!(rows().as_deref(), Some("globex/7=from SQL"), "acme's delete leaves globex's row alone");
+        let only_tenant = error_of("CREATE TABLE solo (tenant_id text PRIMARY KEY, body text); SELECT sync_register_model('solo', 'solo', tenant_column => 'tenant_id')");
+        assert!(only_tenant.starts_with("22023: tbl: the primary key of solo is its tenant column alone"), "{only_tenant}");
+    }
+
+    #[pg_test]
     fn a_change_can_never_reach_another_tenants_row() {
         create_todos();
         push("globex", json!([change(1, TODO_1, "insert", json!({"title": "globex secret"}))]));

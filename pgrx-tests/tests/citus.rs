@@ -229,7 +229,38 @@ fn bound_table_and_capture(cluster: &CitusCluster, admin: &mut Client) {
         assert_eq!(pulled, table, "{tenant}: what devices pull is what the table holds");
         assert_eq!(server_rows(admin, tenant, "todo").len(), table.len());
     }
-    println!("bound table: pushes (delegated and in a transaction) and plain SQL on one and on two workers, each logged once");
+    // Pulls inside a multi-statement transaction on the coordinator (each statement routed by Citus)
+    // answer what delegated pulls answer.
+    let delegated = serde_json::to_value(pull_all(admin, acme, 0, 3).unwrap().changes).unwrap();
+    let mut transaction = admin.transaction().unwrap();
+    let mut in_transaction = Vec::new();
+    let mut cursor = 0_i64;
+    loop {
+        let page: Value = transaction.query_one("SELECT sync_pull('acme', $1, 3)", &[&cursor]).unwrap().get(0);
+        in_transaction.extend(page["changes"].as_array().unwrap().iter().cloned());
+        cursor = page["cursor"].as_i64().unwrap();
+        if page["has_more"] == false {
+            break;
+        }
+    }
+    let packed: Vec<u8> = transaction.query_one("SELECT sync_pull_msgpack('acme', 0, 1000)", &[]).unwrap().get(0);
+    transaction.commit().unwrap();
+    assert_eq!(Value::from(in_transaction), delegated, "pages routed statement by statement equal the delegated ones");
+    let packed: PullResponse = sync_ext_protocol::msgpack::decode(&packed).unwrap();
+    assert_eq!(serde_json::to_value(packed.changes).unwrap(), delegated);
+
+    // Tables Citus cannot serve as bound tables are refused at registration, saying what to do.
+    admin.batch_execute("CREATE TABLE plain_notes (tenant_id text NOT NULL, id int NOT NULL, PRIMARY KEY (tenant_id, id))").unwrap();
+    for (register, says) in [
+        ("SELECT sync_register_model('plain_note', 'plain_notes', tenant_column => 'tenant_id')", "create_distributed_table('public.plain_notes', 'tenant_id'"),
+        ("SELECT sync_register_model('acme_note', 'plain_notes', tenant => 'acme')", "a table bound to one tenant cannot be distributed by tenant"),
+    ] {
+        let error = admin.batch_execute(register).unwrap_err();
+        let message = error.as_db_error().map(|db| db.message().to_owned()).unwrap_or_default();
+        assert_eq!(sqlstate(&error).as_deref(), Some("0A000"), "{register}: {error:?}");
+        assert!(message.contains(says), "{register}: {message}");
+    }
+    println!("bound table: pushes (delegated and in a transaction) and plain SQL on one and on two workers, each logged once; pulls in a transaction; undistributable tables refused");
 }
 
 /// Compaction through the coordinator, then a new device bootstraps by a reset equal to the server's rows.
