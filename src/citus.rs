@@ -2,20 +2,24 @@
 //!
 //! On a distributed install (see the README's Citus section, `sync_distribute()`), every node runs the
 //! same engine: a call delegated to the node holding its tenant runs there, a call inside a
-//! multi-statement transaction runs on the coordinator and Citus routes each statement. Three things
-//! change, all decided here:
-//! - statements are planned for their arguments (Citus cannot route a generic plan of a statement that
-//!   joins or writes several tables by a parameter; see [`crate::plans`]);
-//! - a batch is written one table per statement, each routed to the tenant's node, instead of one
-//!   statement over all of them (which Citus would fan out to every node and commit in two phases);
-//! - pushes never send NOTIFY themselves (a transaction that ran NOTIFY cannot be prepared, and Citus
-//!   prepares every transaction that wrote on two nodes); the notifier sends wake-ups to every node.
+//! multi-statement transaction runs on the coordinator and Citus routes each statement.
 //!
 //! Where this node holds the tenant's shards (a call delegated to the tenant's node, or any call there),
 //! the engine's statements name those shards instead of the distributed tables (see [`Placement`]): they
 //! are plain tables, planned once and kept as on one node, with none of Citus's planning per statement.
 //! Writes hold the shards' placement lock (as Citus's own writes do), so a shard move waits for them
 //! and they wait for it.
+//!
+//! Statements that Citus routes ([`routed`]) differ in two ways, and pushes in one, all decided here:
+//! - they are planned for their arguments (Citus cannot route a generic plan of a statement that joins
+//!   or writes several tables by a parameter; see [`crate::plans`]);
+//! - a batch is written one table per statement, each routed to the tenant's node, instead of one
+//!   statement over all of them (which Citus would fan out to every node and commit in two phases);
+//! - pushes never send NOTIFY themselves (a transaction that ran NOTIFY cannot be prepared, and Citus
+//!   prepares every transaction that wrote on two nodes); the notifiers send wake-ups to every node.
+//!
+//! Capture triggers fire on shards, which [`table_of_shard`] maps back to their tables, and the upgrade
+//! scripts change sync tables through [`alter_sync_table`].
 
 use std::borrow::Cow;
 use std::cell::{Cell, RefCell};

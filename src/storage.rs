@@ -189,9 +189,9 @@ fn object_column(datum: Option<JsonbDatum>) -> Result<Map<String, Value>, String
     }
 }
 
-/// Writes a batch's outcome in one statement: appends the applied changes to the log, saves the new
-/// states of the rows they changed, advances the tenant's counters and notifies listeners (itself or
-/// through the notifier, as `route` says).
+/// Writes a batch's outcome in one statement (one per table where Citus routes them, see [`WriteBatch`]):
+/// appends the applied changes to the log, saves the new states of the rows they changed, advances the
+/// tenant's counters and notifies listeners (itself or through the notifier, as `route` says).
 ///
 /// Every changed row's new state belongs to the last change that altered it, so both travel in one
 /// array row; a state whose value is exactly what that change logged is sent once.
