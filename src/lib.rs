@@ -1,7 +1,7 @@
 //! sync_ext: the server half of local-first sync, inside Postgres.
 //!
 //! `CREATE EXTENSION sync_ext;` creates the `sync_ext` schema (op log, snapshots, tenants) and the
-//! SQL functions clients call: [`push::sync_push`] and [`pull::sync_pull`]. The merge rule and the
+//! SQL functions clients call: `sync_push` (`push.rs`) and `sync_pull` (`pull.rs`). The merge rule and the
 //! wire types live in the `sync_ext_protocol` crate, shared with clients.
 
 // SQL functions return pgrx's ErrorReport, which carries the SQLSTATE; its size is pgrx's choice.
