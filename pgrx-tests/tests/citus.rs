@@ -291,7 +291,30 @@ fn grants_for_a_device(cluster: &CitusCluster, admin: &mut Client) {
     assert_eq!(sqlstate(&error).as_deref(), Some("42501"));
     let tenants: Vec<String> = device.query("SELECT DISTINCT tenant_id FROM sync_ext.op_log", &[]).unwrap().iter().map(|row| row.get(0)).collect();
     assert_eq!(tenants, ["acme"], "row-level security shows the device its tenant's log only");
-    println!("grants: a device role syncs acme and gets 42501 for another tenant through the coordinator");
+    // The same device as an attacker: a schema of its own shadowing the names the engine reads (Citus's
+    // catalog and the sync tables), temporary tables, connection options and SETs.
+    admin.batch_execute("GRANT TEMPORARY ON DATABASE sync TO device_1; CREATE SCHEMA evil AUTHORIZATION device_1").unwrap();
+    let mut attacker = cluster.coordinator.connect_with_options("sync", "device_1", "-c search_path=evil,public,pg_catalog -c citus.allow_nested_distributed_execution=on");
+    attacker
+        .batch_execute(
+            "CREATE TABLE evil.pg_dist_partition (logicalrelid oid, partmethod char, colocationid int);
+             CREATE TABLE evil.tenants (tenant_id text, last_seq bigint);
+             CREATE TEMP TABLE op_log (tenant_id text, seq bigint);
+             CREATE TEMP TABLE pg_dist_placement (shardid bigint, groupid int);
+             SET citus.enable_ddl_propagation = off;",
+        )
+        .unwrap();
+    let mine = push(&mut attacker, "acme", &[change(Op::Insert, "todo", &Uuid::new_v4().to_string(), hlc_ago(0, 0), "device_1", json!({"title": "still mine"}))]).unwrap();
+    assert!(matches!(mine.results[0].status, Status::Applied { .. }), "{mine:?}");
+    let page = pull_all(&mut attacker, "acme", 0, 100).unwrap();
+    assert_eq!(page.changes.last().map(|c| c.seq), Some(mine.cursor), "the engine read its own tables, not the attacker's");
+    for call in ["SELECT sync_pull('tenant-00', 0)", "SELECT sync_distribute()", "SELECT sync_grant_tenant('device_1', 'tenant-00')"] {
+        let error = attacker.batch_execute(call).unwrap_err();
+        assert_eq!(sqlstate(&error).as_deref(), Some("42501"), "{call}: {error:?}");
+    }
+    let shadowed: i64 = attacker.query_one("SELECT count(*) FROM evil.tenants", &[]).unwrap().get(0);
+    assert_eq!(shadowed, 0, "nothing was written into the attacker's look-alike tables");
+    println!("grants: a device role syncs acme and gets 42501 for another tenant through the coordinator, also with its own schema, TEMP and options");
 }
 
 /// A listener on the coordinator and one on each worker hear of pushes to tenants on either worker, made
@@ -461,4 +484,48 @@ fn a_single_node_cluster_captures_plain_sql_and_its_dump_restores_distributed() 
     let globex = device_rows(&mut restored, "globex", "todo");
     assert_eq!(globex[&id(2)]["title"], "after restore", "capture works on the restored, distributed table");
     println!("single node: capture in the calling backend; pg_dump of the coordinator restored and distributed again");
+}
+
+/// A connection that synced before the tables were distributed keeps syncing after `sync_distribute()`
+/// (its kept plans are planned again for the distributed tables, its tenants' rows moved to the shards,
+/// their seqs continue), and devices through PgBouncer in transaction mode in front of the coordinator
+/// sync many tenants.
+#[test]
+fn a_connection_from_before_distribution_and_a_pooler_keep_syncing() {
+    let cluster = CitusCluster::start(2);
+    let mut admin = cluster.coordinator.connect("sync");
+    admin.batch_execute("CREATE EXTENSION sync_ext").unwrap();
+    let mut long_lived = cluster.coordinator.connect("sync");
+    let tenants = ["early-a", "early-b", "early-c", "early-d"];
+    let write = |client: &mut Client, tenant: &str, n: i64| {
+        push(client, tenant, &[change(Op::Insert, "note", &n.to_string(), hlc_ago(10_000 - n, 0), "device", json!({"n": n}))]).unwrap().cursor
+    };
+    for tenant in tenants {
+        assert_eq!(write(&mut long_lived, tenant, 1), 1);
+        assert_eq!(pull(&mut long_lived, tenant, 0, 10).unwrap().changes.len(), 1);
+    }
+    admin.batch_execute("SELECT sync_distribute(); ANALYZE").unwrap();
+    let nodes: BTreeSet<u16> = tenants.iter().map(|tenant| cluster.node_of("sync_ext.tenants", tenant)).collect();
+    assert_eq!(nodes.len(), 2, "the tenants are spread over both workers");
+    for tenant in tenants {
+        assert_eq!(write(&mut long_lived, tenant, 2), 2, "{tenant}: the seqs continue after distribution");
+        let all = pull_all(&mut long_lived, tenant, 0, 1).unwrap();
+        assert_eq!(all.changes.iter().map(|c| c.seq).collect::<Vec<_>>(), [1, 2], "{tenant}");
+    }
+
+    // Through PgBouncer (transaction mode): simple queries only, as a pooled client without named statements.
+    let bouncer = cluster.coordinator.start_pgbouncer();
+    let mut pooled = Client::connect(&bouncer.connection_string("sync"), NoTls).unwrap();
+    for n in 0..TENANTS {
+        let tenant = format!("pooled-{n}");
+        let body = serde_json::to_string(&(0..=n).map(|i| change(Op::Insert, "note", &i.to_string(), hlc_ago(5_000, 0), "device", json!({"i": i}))).collect::<Vec<_>>()).unwrap();
+        pooled.batch_execute(&format!("SELECT sync_push('{tenant}', '{}')", body.replace('\'', "''"))).unwrap();
+        let rows = pooled.simple_query(&format!("SELECT jsonb_array_length(sync_pull('{tenant}', 0)->'changes')")).unwrap();
+        let pulled = rows.iter().find_map(|message| match message {
+            postgres::SimpleQueryMessage::Row(row) => row.get(0).map(str::to_owned),
+            _ => None,
+        });
+        assert_eq!(pulled, Some((n + 1).to_string()), "{tenant}: tenants of sizes 1 to {TENANTS} through the pooler");
+    }
+    println!("a connection from before distribution syncs on; {TENANTS} tenants of sizes 1 to {TENANTS} through PgBouncer");
 }
