@@ -105,7 +105,7 @@ impl Server {
         self.pulls.push((since, standby));
         let (last, max) = (self.last_seq(), max as usize);
         if standby && since > last {
-            return PullResponse { changes: Vec::new(), cursor: since, has_more: false, reset: false, digest: None };
+            return PullResponse { changes: Vec::new(), cursor: since, has_more: false, reset: false, digest: None, digests: None };
         }
         let reset = since < 0 || since > last;
         let (changes, has_more) = if reset {
@@ -144,7 +144,7 @@ impl Server {
             (true, false) => last,
         };
         let digest = (!has_more && self.digests).then(|| to_wire(self.digest().wrapping_add(self.skew)));
-        PullResponse { changes, cursor, has_more, reset, digest }
+        PullResponse { changes, cursor, has_more, reset, digest, digests: None }
     }
 }
 

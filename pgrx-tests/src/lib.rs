@@ -227,7 +227,7 @@ pub fn pull(client: &mut Client, tenant: &str, since: i64, max_changes: i32) -> 
 
 /// Pulls every change after `since`, page by page.
 pub fn pull_all(client: &mut Client, tenant: &str, since: i64, page: i32) -> Result<PullResponse, postgres::Error> {
-    let mut all = PullResponse { changes: Vec::new(), cursor: since, has_more: true, reset: false, digest: None };
+    let mut all = PullResponse { changes: Vec::new(), cursor: since, has_more: true, reset: false, digest: None, digests: None };
     while all.has_more {
         let next = pull(client, tenant, all.cursor, page)?;
         all.changes.extend(next.changes);

@@ -24,6 +24,9 @@ pub enum Op {
     Insert,
     Update,
     Delete,
+    /// Scoped pulls only: the row left every instance the device pulls. The device drops its copy; it
+    /// is not a delete (the row lives on elsewhere). Never pushed.
+    Leave,
 }
 
 impl Op {
@@ -33,6 +36,7 @@ impl Op {
             Op::Insert => "insert",
             Op::Update => "update",
             Op::Delete => "delete",
+            Op::Leave => "leave",
         }
     }
 }
@@ -127,7 +131,7 @@ pub fn validate_name(location: &str, text: &str) -> Result<(), WireError> {
     check_name(location, text, MAX_NAME_BYTES)
 }
 
-fn check_name(location: &str, text: &str, max_bytes: usize) -> Result<(), WireError> {
+pub(crate) fn check_name(location: &str, text: &str, max_bytes: usize) -> Result<(), WireError> {
     if text.is_empty() {
         return Err(WireError::invalid(location, "must not be empty"));
     }

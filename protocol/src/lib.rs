@@ -9,6 +9,7 @@
 //! - [`merge`]: the last-writer-wins rule over per-row registers;
 //! - [`stored`]: the flat form in which a row's merge state is stored;
 //! - [`portable`]: portable JSON forms of Postgres values (timestamps, intervals, bytes, exact numbers);
+//! - [`scope`]: which scope instances a row belongs to (partial sync);
 //! - [`batch`]: the outcome of a whole pushed batch;
 //! - [`wire`]: push results and pull bodies, and [`msgpack`] for their MessagePack form.
 
@@ -24,6 +25,7 @@ pub mod merge;
 pub mod msgpack;
 pub mod numbers;
 pub mod portable;
+pub mod scope;
 pub mod stored;
 pub mod wire;
 

@@ -103,8 +103,12 @@ impl Won {
 impl RowState {
     /// Merges one change into the row and reports what it won.
     pub fn apply(&mut self, change: &Change) -> Won {
-        let stamp = Stamp::of(change);
         let mut won = Won::default();
+        if change.op == Op::Leave {
+            // Not a change of the row: what a scoped device is told when the row leaves its scopes.
+            return won;
+        }
+        let stamp = Stamp::of(change);
         let candidate = Existence { stamp: stamp.clone(), deleted: change.op == Op::Delete };
         if self.existence.as_ref().is_none_or(|current| candidate > *current) {
             self.existence = Some(candidate);
@@ -135,7 +139,7 @@ impl RowState {
                     }
                 }
             }
-            (Op::Insert | Op::Update, None) => {}
+            (Op::Insert | Op::Update, None) | (Op::Leave, _) => {}
         }
         won
     }

@@ -17,6 +17,11 @@ pub const REASON_CLOCK_SKEW: &str = "clock_skew";
 pub const REASON_STALE: &str = "stale";
 /// Reason of a change refused because its value is over the server's `max_value_bytes`.
 pub const REASON_VALUE_TOO_LARGE: &str = "value_too_large";
+/// Reason of a change refused because its writer may write only some scope instances, and the row is
+/// outside them before or after the change.
+pub const REASON_OUT_OF_SCOPE: &str = "out_of_scope";
+/// Reason of a change refused because devices may not write its model.
+pub const REASON_READ_ONLY: &str = "read_only";
 /// Reason of a change refused because a string of its value holds a NUL character.
 pub const REASON_INVALID_TEXT: &str = "invalid_text";
 
@@ -84,10 +89,10 @@ pub struct PulledChange {
     /// The fields the change won (`None` for a delete); in a reset page, the row's current fields.
     #[serde(default)]
     pub value: Option<Map<String, Value>>,
-    /// Reset pages only: the stamps of fields written by another change than this one.
+    /// Whole rows only (reset pages, move-ins): the stamps of fields written by another change than this one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub field_stamps: Option<Map<String, Value>>,
-    /// Reset pages only: the hlc of the row's latest delete.
+    /// Whole rows only (reset pages, move-ins): the hlc of the row's latest delete.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deleted_hlc: Option<Hlc>,
 }
@@ -106,7 +111,13 @@ impl PulledChange {
         }
     }
 
-    /// The full merge state of a row sent in a reset page.
+    /// Whether the change is a row's whole state (a reset row, or a row moving into a scoped pull's
+    /// instances): it carries the row's merge registers, and replaces what the receiver held of the row.
+    pub fn is_whole_row(&self) -> bool {
+        self.field_stamps.is_some()
+    }
+
+    /// The full merge state of a row sent in a reset page (or moving into a scoped pull's instances).
     pub fn to_row_state(&self) -> Result<RowState, String> {
         StoredRow {
             value: self.value.clone().unwrap_or_default(),
@@ -134,7 +145,12 @@ pub struct PullResponse {
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub reset: bool,
     /// On the page that ends at the tenant's last seq: the digest of the tenant's visible rows at that
-    /// seq (see [`crate::digest`]), so the client can check its replica. Absent on other pages.
+    /// seq (see [`crate::digest`]), so the client can check its replica. Absent on other pages and on
+    /// scoped pulls.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub digest: Option<String>,
+    /// Scoped pulls, on the page that ends at the tenant's last seq: the digest of the visible rows of
+    /// each listed instance, and under `""` ([`crate::scope::TENANT_WIDE`]) of the tenant-wide rows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digests: Option<std::collections::BTreeMap<String, String>>,
 }

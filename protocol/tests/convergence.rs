@@ -26,7 +26,7 @@ fn push_in_batches(changes: &[Change], batch_sizes: &[usize]) -> (Rows, Vec<Pull
         }
         let (batch, tail) = rest.split_at(size.clamp(1, rest.len()));
         rest = tail;
-        let context = BatchContext { last_seq, logged: HashMap::new(), rows: rows.clone(), latest_allowed_millis: i64::MAX, stale_through: None, refused: HashMap::new() };
+        let context = BatchContext { last_seq, logged: HashMap::new(), rows: rows.clone(), latest_allowed_millis: i64::MAX, stale_through: None, refused: HashMap::new(), scopes: &Default::default(), instances: HashMap::new(), writable: None };
         let outcome = merge_batch(batch, context);
         for appended in &outcome.appended {
             let change = &batch[appended.index];
