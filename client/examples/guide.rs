@@ -80,7 +80,7 @@ async fn guide(url: &str, direct_url: &str) -> Result<()> {
     }
 
     let mut status = client.status();
-    let mut changes = client.subscribe();
+    let mut changes = client.changes();
     let client = Arc::new(client);
     let shown = client.run_blocking(|client| Ok(client.collection::<Item>()?.list()?.rows)).await?;
     println!("{} items", shown.len());

@@ -13,6 +13,7 @@ use crate::client::{RejectionCallback, WallClock, META_TENANT};
 use crate::clock::read_offset;
 use crate::error::{Error, Result};
 use crate::outbox::Rejection;
+use crate::scopes::{open_with, validated};
 use crate::status::SyncStatus;
 use crate::store::LocalStore;
 use crate::sync::DEFAULT_SYNC_TIMEOUT;
@@ -29,6 +30,7 @@ pub struct SyncClientBuilder<R> {
     sync_timeout: Duration,
     on_rejected: Option<RejectionCallback>,
     wall_clock: WallClock,
+    scopes: Option<Vec<String>>,
 }
 
 impl SyncClient<PgRemote> {
@@ -52,6 +54,7 @@ impl<R: Remote> SyncClientBuilder<R> {
             sync_timeout: DEFAULT_SYNC_TIMEOUT,
             on_rejected: None,
             wall_clock: Arc::new(wall_clock_millis),
+            scopes: None,
         }
     }
 
@@ -85,6 +88,7 @@ impl<R: Remote> SyncClientBuilder<R> {
             sync_timeout: self.sync_timeout,
             on_rejected: self.on_rejected,
             wall_clock: self.wall_clock,
+            scopes: self.scopes,
         }
     }
 
@@ -117,18 +121,35 @@ impl<R: Remote> SyncClientBuilder<R> {
         self
     }
 
+    /// Partial sync: the scope instances this replica holds (`<scope>:<value>`, e.g. `project:42`; see
+    /// `sync_define_scope` on the server). Its pulls bring the rows of these instances and of the
+    /// tenant-wide models (those with no scope defined); none at all holds the tenant-wide models
+    /// only. Without this call the replica holds the whole tenant.
+    ///
+    /// The set is kept in the store with the cursor. A store opened with another set than it holds
+    /// moves to it as [`SyncClient::subscribe`] and [`SyncClient::unsubscribe`] of the difference would
+    /// (the new instances are bootstrapped and the rows no instance holds any more are dropped, on the
+    /// next sync), so an app can pass the instances its user belongs to at every start. A store with
+    /// scopes opened without them pulls the log again from its start, to get the whole tenant.
+    pub fn scopes(mut self, instances: impl IntoIterator<Item = impl Into<String>>) -> Self {
+        self.scopes = Some(instances.into_iter().map(Into::into).collect());
+        self
+    }
+
     /// The device's wall clock, in milliseconds since the Unix epoch (the system clock by default).
     pub fn wall_clock(mut self, clock: impl Fn() -> i64 + Send + Sync + 'static) -> Self {
         self.wall_clock = Arc::new(clock);
         self
     }
 
-    /// Builds the client. A store first used with another tenant is refused ([`Error::Config`]).
+    /// Builds the client. A store first used with another tenant is refused ([`Error::Config`]); a
+    /// malformed scope instance too ([`Error::InvalidChange`]).
     pub fn build(self) -> Result<SyncClient<R>> {
         let tenant = self.tenant.ok_or(Error::Builder("tenant"))?;
         let actor = self.actor.ok_or(Error::Builder("actor"))?;
         validate_tenant(&tenant)?;
         validate_name("actor", &actor)?;
+        let scopes = self.scopes.map(validated).transpose()?;
         let store = self.store.ok_or(Error::Builder("local"))?;
         let remote = self.remote.ok_or(Error::Builder("remote"))?;
         let (offset, pending, rejections) = store.transaction(|t| {
@@ -139,6 +160,7 @@ impl<R: Remote> SyncClientBuilder<R> {
                 Some(_) => {}
                 None => t.set_meta(META_TENANT, &tenant)?,
             }
+            open_with(t, scopes)?;
             Ok((read_offset(t)?, t.outbox_len()?, t.rejections()?.len()))
         })?;
         let (status, _) = watch::channel(SyncStatus { pending, rejections, ..SyncStatus::default() });

@@ -7,6 +7,7 @@ use std::time::Duration;
 use sync_ext_protocol::wire::PushLimits;
 use tokio::sync::{broadcast, watch};
 
+use crate::digest::ServerDigest;
 use crate::outbox::Rejection;
 use crate::status::{Origin, RowsChanged, SyncStatus};
 use crate::error::Result;
@@ -42,7 +43,7 @@ pub struct SyncClient<R> {
     pub(crate) limits: Mutex<Option<PushLimits>>,
     /// The last server digest the confirmed rows were found to match (kept in memory only), so that a
     /// sync that pulled nothing and got the same digest back need not recompute it.
-    pub(crate) verified: Mutex<Option<u64>>,
+    pub(crate) verified: Mutex<Option<ServerDigest>>,
     pub(crate) status: watch::Sender<SyncStatus>,
     pub(crate) events: broadcast::Sender<RowsChanged>,
 }
@@ -62,7 +63,7 @@ impl<R: Remote> SyncClient<R> {
     /// page, a rejection), sent after it commits, so an app re-reads what it shows when
     /// [`RowsChanged::touches`] its model. A receiver that falls more than 256 events behind gets
     /// `RecvError::Lagged` and should reload everything it shows.
-    pub fn subscribe(&self) -> broadcast::Receiver<RowsChanged> {
+    pub fn changes(&self) -> broadcast::Receiver<RowsChanged> {
         self.events.subscribe()
     }
 

@@ -72,9 +72,10 @@ pub enum Error {
     /// The local replica's confirmed rows still differ from the server's after a repair: the digest of
     /// its rows is `local`, the server's is `server` (16 hex digits each). The repair was done once and
     /// not repeated; the local data and the outbox are kept as the repair left them. Transient: the
-    /// next sync checks, and repairs, again.
-    #[error("the local replica still differs from the server after a repair: digest {local}, the server's {server}")]
-    DigestMismatch { server: String, local: String },
+    /// next sync checks, and repairs, again. For a replica with scopes, `instance` names the first
+    /// instance whose rows differ (`""` for the tenant-wide rows); `None` for the whole tenant.
+    #[error("the local replica still differs from the server after a repair: digest {local}, the server's {server}{}", instance.as_ref().map(|instance| format!(" (instance {instance:?})")).unwrap_or_default())]
+    DigestMismatch { server: String, local: String, instance: Option<String> },
     /// A local query the store cannot run (see [`crate::Query`]).
     #[error("invalid query: {0}")]
     InvalidQuery(String),

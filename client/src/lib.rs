@@ -67,6 +67,7 @@ mod outbox;
 mod query;
 pub mod portable;
 mod remote;
+mod scopes;
 mod status;
 mod store;
 mod sync;

@@ -57,7 +57,7 @@ impl LiveHandle {
 
 impl<R: Remote + 'static> SyncClient<R> {
     /// Starts syncing in the background on the current tokio runtime. It reports through
-    /// [`SyncClient::status`] (its [`LiveState`], wake-ups, errors) and [`SyncClient::subscribe`].
+    /// [`SyncClient::status`] (its [`LiveState`], wake-ups, errors) and [`SyncClient::changes`].
     pub fn live(self: Arc<Self>, options: LiveOptions) -> LiveHandle {
         let (stop, stopped) = watch::channel(false);
         let now = Arc::new(Notify::new());

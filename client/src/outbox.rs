@@ -10,6 +10,7 @@ use uuid::Uuid;
 use crate::error::{Error, Result};
 use crate::status::Origin;
 use crate::client::META_TENANT;
+use crate::scopes::{restart, target};
 use crate::sync::restore_rows;
 use crate::{Remote, SyncClient};
 
@@ -108,12 +109,14 @@ impl<R: Remote> SyncClient<R> {
     }
 
     /// Forgets everything local, for a logout: rows, outbox (unsent changes are lost), rejections,
-    /// clock and cursor. The store stays bound to this client's tenant; the next sync pulls the
-    /// tenant's rows again.
+    /// clock and cursor. The store stays bound to this client's tenant and keeps its scopes; the next
+    /// sync pulls their rows again.
     pub fn clear(&self) -> Result<()> {
         self.write(|t, clock| {
+            let scopes = target(t)?;
             t.clear_all()?;
             t.set_meta(META_TENANT, &self.tenant)?;
+            restart(t, scopes)?;
             *clock = Default::default();
             Ok(((), Vec::new()))
         })?;

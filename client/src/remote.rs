@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::Value;
+use sync_ext_protocol::scope::ScopeDefinition;
 use sync_ext_protocol::{Change, PullResponse, PushResponse};
 use tokio::sync::{mpsc, Mutex};
 use tokio_postgres::types::{FromSqlOwned, ToSql, Type};
@@ -17,10 +18,10 @@ use crate::error::{Error, Result};
 pub type RemoteFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T>> + Send + 'a>>;
 
 /// A connection to a database with sync_ext. Implement it for another driver or a pool; the client
-/// needs only `push` and `pull`. It is object safe: `Arc<dyn Remote>` and `Box<dyn Remote>` are
-/// remotes too. Return [`Error::Server`] with the SQLSTATE for errors the database raised and
-/// [`Error::Connection`] for everything that broke on the way, so the client can tell transient
-/// failures from permanent ones.
+/// needs only `push` and `pull` (and `scope_definitions` for a replica with scopes). It is object
+/// safe: `Arc<dyn Remote>` and `Box<dyn Remote>` are remotes too. Return [`Error::Server`] with the
+/// SQLSTATE for errors the database raised and [`Error::Connection`] for everything that broke on the
+/// way, so the client can tell transient failures from permanent ones.
 ///
 /// ```
 /// use sync_ext_client::protocol::{Change, PullResponse, PushResponse};
@@ -34,22 +35,32 @@ pub type RemoteFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T>> + Send + '
 ///         self.pushes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
 ///         self.inner.push(tenant, changes)
 ///     }
-///     fn pull<'a>(&'a self, tenant: &'a str, since: i64, max_changes: i32) -> RemoteFuture<'a, PullResponse> {
-///         Box::pin(async move { self.inner.pull(tenant, since, max_changes).await })
+///     fn pull<'a>(&'a self, tenant: &'a str, since: i64, max_changes: i32, scopes: Option<&'a [String]>) -> RemoteFuture<'a, PullResponse> {
+///         Box::pin(async move { self.inner.pull(tenant, since, max_changes, scopes).await })
+///     }
+///     fn scope_definitions(&self) -> RemoteFuture<'_, Vec<sync_ext_client::protocol::scope::ScopeDefinition>> {
+///         self.inner.scope_definitions()
 ///     }
 /// }
 /// ```
 pub trait Remote: Send + Sync {
     /// Calls `sync_push(tenant, changes)`.
     fn push<'a>(&'a self, tenant: &'a str, changes: &'a [Change]) -> RemoteFuture<'a, PushResponse>;
-    /// Calls `sync_pull(tenant, since, max_changes)`.
-    fn pull<'a>(&'a self, tenant: &'a str, since: i64, max_changes: i32) -> RemoteFuture<'a, PullResponse>;
-    /// Calls `sync_pull(tenant, since, max_changes)` on the primary, where pushes go. The client pulls
-    /// this way only to repair its replica (see [`crate::SyncClient::sync`]): a reset asked for with a
+    /// Calls `sync_pull(tenant, since, max_changes, scopes)`: `scopes` are the instances of a partial
+    /// replica (`None`: the whole tenant, as a server before 0.6.0 pulls).
+    fn pull<'a>(&'a self, tenant: &'a str, since: i64, max_changes: i32, scopes: Option<&'a [String]>) -> RemoteFuture<'a, PullResponse>;
+    /// Calls `sync_pull(tenant, since, max_changes, scopes)` on the primary, where pushes go. The client
+    /// pulls this way only to repair its replica (see [`crate::SyncClient::sync`]): a reset asked for with a
     /// cursor beyond the log, which a primary answers with the current rows and a hot standby with an
     /// empty page. By default the same as [`Remote::pull`]; a remote that pulls from standbys overrides it.
-    fn pull_primary<'a>(&'a self, tenant: &'a str, since: i64, max_changes: i32) -> RemoteFuture<'a, PullResponse> {
-        self.pull(tenant, since, max_changes)
+    fn pull_primary<'a>(&'a self, tenant: &'a str, since: i64, max_changes: i32, scopes: Option<&'a [String]>) -> RemoteFuture<'a, PullResponse> {
+        self.pull(tenant, since, max_changes, scopes)
+    }
+    /// Calls `sync_scopes()`: the scope definitions, which tell the instances a row is in. Only a replica
+    /// with scopes asks (to drop the rows it unsubscribed from, and to check the digests of its
+    /// instances). By default an [`Error::Config`]: a remote used for partial sync implements it.
+    fn scope_definitions(&self) -> RemoteFuture<'_, Vec<ScopeDefinition>> {
+        Box::pin(async { Err(Error::Config { message: "this Remote does not implement scope_definitions, which a replica with scopes needs".into(), source: None }) })
     }
     /// The server's wall clock, in milliseconds since the Unix epoch, when the remote can tell; the
     /// client asks after a `clock_skew` rejection to re-base its clock. By default `None`: the client
@@ -66,11 +77,14 @@ macro_rules! forward_remote {
             fn push<'a>(&'a self, tenant: &'a str, changes: &'a [Change]) -> RemoteFuture<'a, PushResponse> {
                 (**self).push(tenant, changes)
             }
-            fn pull<'a>(&'a self, tenant: &'a str, since: i64, max_changes: i32) -> RemoteFuture<'a, PullResponse> {
-                (**self).pull(tenant, since, max_changes)
+            fn pull<'a>(&'a self, tenant: &'a str, since: i64, max_changes: i32, scopes: Option<&'a [String]>) -> RemoteFuture<'a, PullResponse> {
+                (**self).pull(tenant, since, max_changes, scopes)
             }
-            fn pull_primary<'a>(&'a self, tenant: &'a str, since: i64, max_changes: i32) -> RemoteFuture<'a, PullResponse> {
-                (**self).pull_primary(tenant, since, max_changes)
+            fn pull_primary<'a>(&'a self, tenant: &'a str, since: i64, max_changes: i32, scopes: Option<&'a [String]>) -> RemoteFuture<'a, PullResponse> {
+                (**self).pull_primary(tenant, since, max_changes, scopes)
+            }
+            fn scope_definitions(&self) -> RemoteFuture<'_, Vec<ScopeDefinition>> {
+                (**self).scope_definitions()
             }
             fn server_time(&self) -> RemoteFuture<'_, Option<i64>> {
                 (**self).server_time()
@@ -248,12 +262,16 @@ impl<P: Remote, R: Remote> Remote for ReadReplica<P, R> {
         self.primary.push(tenant, changes)
     }
 
-    fn pull<'a>(&'a self, tenant: &'a str, since: i64, max_changes: i32) -> RemoteFuture<'a, PullResponse> {
-        self.replica.pull(tenant, since, max_changes)
+    fn pull<'a>(&'a self, tenant: &'a str, since: i64, max_changes: i32, scopes: Option<&'a [String]>) -> RemoteFuture<'a, PullResponse> {
+        self.replica.pull(tenant, since, max_changes, scopes)
     }
 
-    fn pull_primary<'a>(&'a self, tenant: &'a str, since: i64, max_changes: i32) -> RemoteFuture<'a, PullResponse> {
-        self.primary.pull_primary(tenant, since, max_changes)
+    fn pull_primary<'a>(&'a self, tenant: &'a str, since: i64, max_changes: i32, scopes: Option<&'a [String]>) -> RemoteFuture<'a, PullResponse> {
+        self.primary.pull_primary(tenant, since, max_changes, scopes)
+    }
+
+    fn scope_definitions(&self) -> RemoteFuture<'_, Vec<ScopeDefinition>> {
+        self.primary.scope_definitions()
     }
 
     fn server_time(&self) -> RemoteFuture<'_, Option<i64>> {
@@ -321,19 +339,34 @@ impl Remote for PgRemote {
         })
     }
 
-    fn pull<'a>(&'a self, tenant: &'a str, since: i64, max_changes: i32) -> RemoteFuture<'a, PullResponse> {
+    fn pull<'a>(&'a self, tenant: &'a str, since: i64, max_changes: i32, scopes: Option<&'a [String]>) -> RemoteFuture<'a, PullResponse> {
         Box::pin(async move {
-            let params: [(&(dyn ToSql + Sync), Type); 3] = [(&tenant, Type::TEXT), (&since, Type::INT8), (&max_changes, Type::INT4)];
+            let mut params: Vec<(&(dyn ToSql + Sync), Type)> = vec![(&tenant, Type::TEXT), (&since, Type::INT8), (&max_changes, Type::INT4)];
+            // The whole tenant is pulled without the scopes argument, which servers before 0.6.0 lack.
+            let arguments = match &scopes {
+                Some(scopes) => {
+                    params.push((scopes, Type::TEXT_ARRAY));
+                    "$1, $2, $3, $4"
+                }
+                None => "$1, $2, $3",
+            };
             match self.encoding {
                 Encoding::Json => {
-                    let response: Value = self.call("SELECT sync_pull($1, $2, $3)", &params).await?;
+                    let response: Value = self.call(&format!("SELECT sync_pull({arguments})"), &params).await?;
                     serde_json::from_value(response).map_err(|error| unexpected("pull", error))
                 }
                 Encoding::MsgPack => {
-                    let response: Vec<u8> = self.call("SELECT sync_pull_msgpack($1, $2, $3)", &params).await?;
+                    let response: Vec<u8> = self.call(&format!("SELECT sync_pull_msgpack({arguments})"), &params).await?;
                     sync_ext_protocol::msgpack::decode(&response).map_err(|error| unexpected("pull", error))
                 }
             }
+        })
+    }
+
+    fn scope_definitions(&self) -> RemoteFuture<'_, Vec<ScopeDefinition>> {
+        Box::pin(async move {
+            let definitions: Value = self.call("SELECT sync_scopes()", &[]).await?;
+            serde_json::from_value(definitions).map_err(|error| unexpected("sync_scopes", error))
         })
     }
 

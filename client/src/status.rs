@@ -1,6 +1,6 @@
 //! What a client is doing and what changed, for an app to show: the sync status (a
 //! [`tokio::sync::watch`] value, see [`crate::SyncClient::status`]) and change events (a
-//! [`tokio::sync::broadcast`] channel, see [`crate::SyncClient::subscribe`]).
+//! [`tokio::sync::broadcast`] channel, see [`crate::SyncClient::changes`]).
 
 use std::time::SystemTime;
 
@@ -106,6 +106,9 @@ pub enum Origin {
     Restore,
     /// Everything local was cleared ([`crate::SyncClient::clear`]).
     Clear,
+    /// The replica let go of rows outside its scopes ([`crate::SyncClient::unsubscribe`], or a store
+    /// opened with fewer scopes than it held): the app sees only their unsent changes, if any.
+    Unsubscribed,
 }
 
 /// Rows that changed in one local transaction, sent after it commits.

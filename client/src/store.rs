@@ -58,6 +58,8 @@ pub trait Transaction {
     /// A row's states (both empty for a row never seen).
     fn row(&mut self, model: &str, pk: &str) -> Result<LocalRow>;
     fn put_row(&mut self, model: &str, pk: &str, row: &LocalRow) -> Result<()>;
+    /// Forgets a row.
+    fn delete_row(&mut self, model: &str, pk: &str) -> Result<()>;
     /// Forgets every row (a reset reloads them).
     fn clear_rows(&mut self) -> Result<()>;
     /// Every row of a model, by pk.
@@ -249,6 +251,11 @@ impl Transaction for SqliteTransaction<'_> {
         Ok(())
     }
 
+    fn delete_row(&mut self, model: &str, pk: &str) -> Result<()> {
+        self.0.prepare_cached("DELETE FROM rows WHERE model = ?1 AND pk = ?2")?.execute((model, pk))?;
+        Ok(())
+    }
+
     fn clear_rows(&mut self) -> Result<()> {
         self.0.execute("DELETE FROM rows", [])?;
         Ok(())
@@ -373,6 +380,11 @@ impl Transaction for MemoryState {
 
     fn put_row(&mut self, model: &str, pk: &str, row: &LocalRow) -> Result<()> {
         self.rows.insert((model.to_owned(), pk.to_owned()), row.clone());
+        Ok(())
+    }
+
+    fn delete_row(&mut self, model: &str, pk: &str) -> Result<()> {
+        self.rows.remove(&(model.to_owned(), pk.to_owned()));
         Ok(())
     }
 

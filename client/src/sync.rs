@@ -4,14 +4,15 @@
 use std::collections::BTreeSet;
 use std::time::{Duration, SystemTime};
 
-use sync_ext_protocol::wire::REASON_CLOCK_SKEW;
-use sync_ext_protocol::{Change, Status};
+use sync_ext_protocol::wire::{PulledChange, REASON_CLOCK_SKEW};
+use sync_ext_protocol::{Change, Op, RowState, Status};
 use tokio::sync::watch;
 
 use crate::clock::{observe_server_stamp, read_clock, read_offset, write_clock, META_CLOCK_SKEWED};
-use crate::digest::Pulled;
+use crate::digest::{Pulled, ServerDigest};
 use crate::error::{Error, Result};
 use crate::outbox::{Rejection, REASON_REFUSED};
+use crate::scopes::{note_joined, pulled_scopes};
 use crate::status::{Activity, Origin, SyncStatus};
 use crate::store::{LocalRow, Transaction};
 use crate::{protocol, Remote, SyncClient};
@@ -107,6 +108,11 @@ impl<R: Remote> SyncClient<R> {
     /// verified (remembered in memory, so the first sync of a process checks whenever a digest comes).
     pub async fn sync(&self) -> Result<SyncReport> {
         let _syncing = self.syncing.lock().await;
+        self.sync_locked().await
+    }
+
+    /// [`SyncClient::sync`], for a caller that holds the sync lock.
+    pub(crate) async fn sync_locked(&self) -> Result<SyncReport> {
         let _idle = IdleOnDrop(&self.status);
         let outcome = match tokio::time::timeout(self.sync_timeout, self.run_sync()).await {
             Ok(outcome) => outcome,
@@ -138,8 +144,12 @@ impl<R: Remote> SyncClient<R> {
         if self.in_place(|t| t.meta(META_CLOCK_SKEWED))?.is_some() {
             self.align_clock(true).await?;
         }
-        let pulled = self.pull_all(&mut report).await?;
-        self.check_digest(pulled, &mut report).await?;
+        self.prune().await?;
+        let joined = self.join(&mut report).await?;
+        let (cursor, scopes) = self.in_place(|t| Ok((read_cursor(t)?, pulled_scopes(t)?)))?;
+        let mut pulled = self.pull_pages(cursor, Stream::Main, scopes.as_deref(), &mut report).await?;
+        pulled.changed |= joined;
+        self.check_digest(pulled, scopes.as_deref(), &mut report).await?;
         Ok(report)
     }
 
@@ -229,67 +239,78 @@ impl<R: Remote> SyncClient<R> {
         Ok(())
     }
 
-    async fn pull_all(&self, report: &mut SyncReport) -> Result<Pulled> {
-        let cursor = self.in_place(read_cursor)?;
-        self.pull_pages(cursor, false, report).await
-    }
-
-    /// Pulls and applies pages from `cursor` until the server has nothing more. For a `repair` the
-    /// pages come from [`Remote::pull_primary`] and must be reset pages: a page that is not is refused
-    /// before anything is applied.
-    pub(crate) async fn pull_pages(&self, mut cursor: i64, repair: bool, report: &mut SyncReport) -> Result<Pulled> {
+    /// Pulls and applies pages of `stream` from `cursor` until the server has nothing more. A repair
+    /// and a bootstrap must get reset pages: a page that is not one is refused before anything is applied.
+    pub(crate) async fn pull_pages(&self, mut cursor: i64, stream: Stream, scopes: Option<&[String]>, report: &mut SyncReport) -> Result<Pulled> {
         let mut changed = false;
         let mut received = 0;
         let downloading = |received: usize, cursor: i64| {
-            self.status.send_modify(|status| status.activity = Activity::Downloading { received, reset: repair || cursor < 0 });
+            self.status.send_modify(|status| status.activity = Activity::Downloading { received, reset: stream != Stream::Main || cursor < 0 });
         };
         loop {
             downloading(received, cursor);
-            let page = if repair {
-                let page = self.remote.pull_primary(&self.tenant, cursor, self.pull_page).await?;
-                if !page.reset {
+            let page = match stream {
+                Stream::Repair => self.remote.pull_primary(&self.tenant, cursor, self.pull_page, scopes).await?,
+                Stream::Main | Stream::Join => self.remote.pull(&self.tenant, cursor, self.pull_page, scopes).await?,
+            };
+            match stream {
+                Stream::Repair if !page.reset => {
                     return Err(Error::Protocol(format!(
                         "a repair asked for a reset (since {cursor}) and the server answered without one: pull_primary must reach the primary"
-                    )));
+                    )))
                 }
-                page
-            } else {
-                self.remote.pull(&self.tenant, cursor, self.pull_page).await?
-            };
+                Stream::Join if !page.reset => {
+                    return Err(Error::Protocol(format!("the bootstrap of {scopes:?} asked for a reset (since {cursor}) and the server answered without one")))
+                }
+                _ => {}
+            }
             self.reached_server();
+            let digest = ServerDigest::of(&page)?;
             self.in_place(|t| {
                 let mut clock = read_clock(t)?;
-                if page.reset {
-                    apply_reset_page(t, &page)?;
-                } else {
-                    for pulled in &page.changes {
-                        let change = pulled.to_change();
-                        let mut row = t.row(&change.model, &change.pk)?;
-                        row.confirmed.apply(&change);
-                        row.local.apply(&change);
-                        t.put_row(&change.model, &change.pk, &row)?;
-                    }
+                match stream {
+                    Stream::Join => apply_join_page(t, &page)?,
+                    _ if page.reset => apply_reset_page(t, &page)?,
+                    _ => apply_changes(t, &page)?,
                 }
                 for pulled in &page.changes {
                     clock.observe(pulled.hlc);
                 }
                 observe_server_stamp(t, page.changes.iter().map(|pulled| pulled.hlc))?;
                 write_clock(t, &clock)?;
-                t.set_meta(META_CURSOR, &page.cursor.to_string())
+                match stream {
+                    Stream::Join => note_joined(t, page.cursor, !page.has_more),
+                    _ => t.set_meta(META_CURSOR, &page.cursor.to_string()),
+                }
             })?;
-            let rows = page.changes.iter().map(|pulled| (pulled.model.clone(), pulled.pk.clone())).collect();
-            self.emit(if page.reset { Origin::Reset } else { Origin::Pull }, rows, page.reset);
+            // A bootstrap ignores leaves (the main stream, which goes on after it, sees them).
+            let rows = page.changes.iter().filter(|pulled| stream != Stream::Join || pulled.op != Op::Leave).map(|pulled| (pulled.model.clone(), pulled.pk.clone()));
+            let whole = page.reset && stream != Stream::Join;
+            self.emit(if whole { Origin::Reset } else { Origin::Pull }, rows.collect(), whole);
             received += page.changes.len();
             downloading(received, page.cursor);
             report.pulled += page.changes.len();
             changed |= page.reset || !page.changes.is_empty();
             cursor = page.cursor;
             if !page.has_more {
-                report.cursor = cursor;
-                return Ok(Pulled { digest: page.digest, changed });
+                if stream != Stream::Join {
+                    report.cursor = cursor;
+                }
+                return Ok(Pulled { digest, changed });
             }
         }
     }
+}
+
+/// Which pages a pull asks for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Stream {
+    /// The replica's changes, from its cursor.
+    Main,
+    /// A reset from the primary, for a replica that differs from the server.
+    Repair,
+    /// The bootstrap of instances subscribed to: a reset of their rows alone, which forgets no other row.
+    Join,
 }
 
 /// An error's own message, without the client's prefix: the server's message for a server error.
@@ -300,10 +321,63 @@ fn error_message(error: &Error) -> String {
     }
 }
 
+/// The changes still unsent, oldest first.
+pub(crate) fn unsent_changes(t: &mut dyn Transaction) -> Result<Vec<Change>> {
+    Ok(t.outbox(usize::MAX)?.into_iter().map(|pending| pending.change).collect())
+}
+
+/// The row as the app sees it: `confirmed` with the unsent changes of the row merged on top.
+fn with_unsent(confirmed: RowState, model: &str, pk: &str, unsent: &[Change]) -> LocalRow {
+    let mut local = confirmed.clone();
+    for change in unsent.iter().filter(|change| change.model == model && change.pk == pk) {
+        local.apply(change);
+    }
+    LocalRow { confirmed, local }
+}
+
+/// Forgets what the server confirmed of a row (it left the replica's scopes; it is not a delete): the
+/// app sees its unsent changes alone, and a row without any is forgotten altogether.
+pub(crate) fn drop_row(t: &mut dyn Transaction, model: &str, pk: &str, unsent: &[Change]) -> Result<()> {
+    if unsent.iter().any(|change| change.model == model && change.pk == pk) {
+        t.put_row(model, pk, &with_unsent(RowState::default(), model, pk, unsent))
+    } else {
+        t.delete_row(model, pk)
+    }
+}
+
+/// Makes a row's whole state as pulled (a reset row, a row moving into the replica's scopes) its
+/// confirmed state, with the unsent changes on top.
+fn replace_row(t: &mut dyn Transaction, pulled: &PulledChange, unsent: &[Change]) -> Result<()> {
+    let confirmed = pulled.to_row_state().map_err(|problem| Error::Protocol(format!("a whole row does not decode: {problem}")))?;
+    t.put_row(&pulled.model, &pulled.pk, &with_unsent(confirmed, &pulled.model, &pulled.pk, unsent))
+}
+
+/// Applies a page of changes: a leave drops the row's confirmed state, a whole row replaces it, and any
+/// other change is merged into it.
+fn apply_changes(t: &mut dyn Transaction, page: &protocol::PullResponse) -> Result<()> {
+    let replaces = |pulled: &PulledChange| pulled.op == Op::Leave || pulled.is_whole_row();
+    let unsent = if page.changes.iter().any(replaces) { unsent_changes(t)? } else { Vec::new() };
+    for pulled in &page.changes {
+        if pulled.op == Op::Leave {
+            drop_row(t, &pulled.model, &pulled.pk, &unsent)?;
+        } else if pulled.is_whole_row() {
+            replace_row(t, pulled, &unsent)?;
+        } else {
+            let change = pulled.to_change();
+            let mut row = t.row(&change.model, &change.pk)?;
+            row.confirmed.apply(&change);
+            row.local.apply(&change);
+            t.put_row(&change.model, &change.pk, &row)?;
+        }
+    }
+    Ok(())
+}
+
 /// Applies a page of a reset: on its first page every confirmed row is forgotten (the app keeps seeing
-/// its unsent changes); each row sent becomes the confirmed state, with unsent changes merged on top.
+/// its unsent changes); each row sent becomes the confirmed state, with unsent changes merged on top,
+/// and a leave (a row that left the replica's scopes after it was sent) drops it again.
 fn apply_reset_page(t: &mut dyn Transaction, page: &protocol::PullResponse) -> Result<()> {
-    let unsent: Vec<Change> = t.outbox(usize::MAX)?.into_iter().map(|pending| pending.change).collect();
+    let unsent = unsent_changes(t)?;
     if t.meta(META_RESETTING)?.is_none() {
         t.clear_rows()?;
         for change in &unsent {
@@ -314,15 +388,23 @@ fn apply_reset_page(t: &mut dyn Transaction, page: &protocol::PullResponse) -> R
         t.set_meta(META_RESETTING, "1")?;
     }
     for pulled in &page.changes {
-        let confirmed = pulled.to_row_state().map_err(|problem| Error::Protocol(format!("a reset row does not decode: {problem}")))?;
-        let mut local = confirmed.clone();
-        for change in unsent.iter().filter(|change| change.model == pulled.model && change.pk == pulled.pk) {
-            local.apply(change);
+        match pulled.op {
+            Op::Leave => drop_row(t, &pulled.model, &pulled.pk, &unsent)?,
+            _ => replace_row(t, pulled, &unsent)?,
         }
-        t.put_row(&pulled.model, &pulled.pk, &LocalRow { confirmed, local })?;
     }
     if !page.has_more {
         t.delete_meta(META_RESETTING)?;
+    }
+    Ok(())
+}
+
+/// Applies a page of a bootstrap: each row sent replaces the replica's, whatever else it holds; leaves
+/// are ignored (the row may be in another instance the replica holds: the main stream tells).
+fn apply_join_page(t: &mut dyn Transaction, page: &protocol::PullResponse) -> Result<()> {
+    let unsent = unsent_changes(t)?;
+    for pulled in page.changes.iter().filter(|pulled| pulled.op != Op::Leave) {
+        replace_row(t, pulled, &unsent)?;
     }
     Ok(())
 }

@@ -1,18 +1,19 @@
 //! Unit tests of the client against a server in memory.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use serde_json::{json, Map, Value};
-use sync_ext_protocol::digest::{digest_of, to_wire};
+use sync_ext_protocol::digest::{digest_of, row_state_digest, to_wire};
+use sync_ext_protocol::scope::ScopeDefinition;
 use sync_ext_protocol::hlc::wall_clock_millis;
 use sync_ext_protocol::wire::{ChangeResult, PullResponse, PulledChange, PushResponse, REASON_CLOCK_SKEW};
 use sync_ext_protocol::{Change, Op, RowState, Status, StoredRow};
 use uuid::Uuid;
 
 use crate::digest::{confirmed_digest, parse_digest};
-use crate::sync::read_cursor;
+use crate::sync::{read_cursor, Stream};
 use crate::*;
 
 type Hook = Box<dyn FnOnce() + Send>;
@@ -113,25 +114,7 @@ impl Server {
             let mut rows: Vec<_> = self.rows.iter().filter(|(_, (seq, _))| *seq > after).collect();
             rows.sort_by_key(|(_, (seq, _))| *seq);
             let has_more = rows.len() > max;
-            let changes = rows
-                .into_iter()
-                .take(max)
-                .map(|((model, pk), (seq, row))| {
-                    let stored = StoredRow::from_state(row).expect("a written row");
-                    PulledChange {
-                        seq: *seq,
-                        op_id: stored.stamp.op_id,
-                        model: model.clone(),
-                        pk: pk.clone(),
-                        op: if stored.deleted { Op::Delete } else { Op::Insert },
-                        hlc: stored.stamp.hlc,
-                        actor: stored.stamp.actor,
-                        value: (!stored.deleted).then_some(stored.value),
-                        field_stamps: Some(stored.field_stamps),
-                        deleted_hlc: stored.deleted_hlc,
-                    }
-                })
-                .collect();
+            let changes = rows.into_iter().take(max).map(|((model, pk), (seq, row))| whole_row(*seq, model, pk, row)).collect();
             (changes, has_more)
         } else {
             let after: Vec<_> = self.log.iter().filter(|change| change.seq > since).cloned().collect();
@@ -145,6 +128,23 @@ impl Server {
         };
         let digest = (!has_more && self.digests).then(|| to_wire(self.digest().wrapping_add(self.skew)));
         PullResponse { changes, cursor, has_more, reset, digest, digests: None }
+    }
+}
+
+/// A row's whole state, as a reset page (or a move-in) carries it.
+fn whole_row(seq: i64, model: &str, pk: &str, row: &RowState) -> PulledChange {
+    let stored = StoredRow::from_state(row).expect("a written row");
+    PulledChange {
+        seq,
+        op_id: stored.stamp.op_id,
+        model: model.to_owned(),
+        pk: pk.to_owned(),
+        op: if stored.deleted { Op::Delete } else { Op::Insert },
+        hlc: stored.stamp.hlc,
+        actor: stored.stamp.actor,
+        value: (!stored.deleted).then_some(stored.value),
+        field_stamps: Some(stored.field_stamps),
+        deleted_hlc: stored.deleted_hlc,
     }
 }
 
@@ -162,7 +162,8 @@ impl Remote for Fake {
         Box::pin(async move { response })
     }
 
-    fn pull<'a>(&'a self, _tenant: &'a str, since: i64, max_changes: i32) -> RemoteFuture<'a, PullResponse> {
+    fn pull<'a>(&'a self, _tenant: &'a str, since: i64, max_changes: i32, scopes: Option<&'a [String]>) -> RemoteFuture<'a, PullResponse> {
+        assert!(scopes.is_none(), "the server in memory holds whole tenants only");
         let (page, hook) = {
             let mut server = self.server.lock().unwrap();
             if server.hang_pulls {
@@ -343,7 +344,7 @@ async fn a_mismatch_that_outlives_the_repair_is_an_error_after_one_repair() {
     server.lock().unwrap().skew = 1;
     let error = device.sync().await.unwrap_err();
     let expected = to_wire(server.lock().unwrap().digest().wrapping_add(1));
-    assert!(matches!(&error, Error::DigestMismatch { server, local } if *server == expected && *local == to_wire(parse_digest(server).unwrap().wrapping_sub(1))), "{error}");
+    assert!(matches!(&error, Error::DigestMismatch { server, local, instance: None } if *server == expected && *local == to_wire(parse_digest(server).unwrap().wrapping_sub(1))), "{error}");
     let repairs = server.lock().unwrap().pulls.iter().filter(|(since, _)| *since == i64::MAX).count();
     assert_eq!(repairs, 1, "one repair, no loop");
     assert_eq!(rows(&device), server.lock().unwrap().visible("todo"));
@@ -469,7 +470,7 @@ async fn the_outbox_lists_failures_and_a_pending_change_can_be_discarded() {
     assert_eq!(outbox.len(), 3);
     assert!(outbox.iter().all(|pending| pending.attempts == 1 && pending.last_error.as_deref().is_some_and(|error| error.contains("57P01"))), "{outbox:?}");
 
-    let mut events = device.subscribe();
+    let mut events = device.changes();
     assert_eq!(device.discard(edit.op_id).unwrap(), edit);
     assert_eq!(rows(&device)["1"]["title"], "first", "the row shows the other unsent change only");
     assert!(events.try_recv().unwrap().touches("todo"));
@@ -541,7 +542,7 @@ async fn status_and_events_follow_writes_syncs_and_errors() {
     let server = server(true);
     let device = client("device", LocalStore::memory(), primary(&server));
     let other = client("other", LocalStore::memory(), primary(&server));
-    let mut events = device.subscribe();
+    let mut events = device.changes();
     let status = device.status();
     device.insert("todo", "1", &json!({"title": "mine"})).unwrap();
     assert_eq!(events.try_recv().unwrap(), RowsChanged { origin: Origin::Local, rows: vec![("todo".into(), "1".into())], all: false });
@@ -647,12 +648,12 @@ impl Remote for Watching {
         self.inner.push(tenant, changes)
     }
 
-    fn pull<'a>(&'a self, tenant: &'a str, since: i64, max_changes: i32) -> RemoteFuture<'a, PullResponse> {
+    fn pull<'a>(&'a self, tenant: &'a str, since: i64, max_changes: i32, scopes: Option<&'a [String]>) -> RemoteFuture<'a, PullResponse> {
         if let Some(status) = self.status.lock().unwrap().as_ref() {
             let now = status.borrow().clone();
             self.seen.lock().unwrap().push((now.connected, now.activity));
         }
-        self.inner.pull(tenant, since, max_changes)
+        self.inner.pull(tenant, since, max_changes, scopes)
     }
 }
 
@@ -677,4 +678,323 @@ async fn the_status_is_connected_once_the_server_answers_and_counts_what_pulls_b
     }).collect();
     assert_eq!(received, [0, 2, 4], "progress counts what earlier pages brought");
     assert!(seen.iter().all(|(connected, _)| *connected), "connected since the push was answered: {seen:?}");
+}
+
+/// A remote for partial sync: pulls are answered with scripted pages in order (once they run out, with
+/// an empty page at the cursor asked for) and recorded with their scopes; pushes are applied; the scope
+/// definitions are `task.project_id` (scope `project`) and `task.owner` (scope `owner`).
+#[derive(Clone, Default)]
+struct Scripted(Arc<Mutex<Script>>);
+
+#[derive(Default)]
+struct Script {
+    pages: VecDeque<Result<PullResponse>>,
+    pulls: Vec<(i64, Option<Vec<String>>)>,
+    /// How many times the definitions were asked for.
+    definitions_asked: usize,
+    /// The definitions cannot be fetched.
+    offline: bool,
+}
+
+impl Scripted {
+    fn serve(&self, pages: impl IntoIterator<Item = PullResponse>) {
+        self.0.lock().unwrap().pages.extend(pages.into_iter().map(Ok));
+    }
+
+    fn fail_next_pull(&self) {
+        self.0.lock().unwrap().pages.push_back(Err(Error::connection("injected: the pull never left", None)));
+    }
+
+    fn pulls(&self) -> Vec<(i64, Option<Vec<String>>)> {
+        self.0.lock().unwrap().pulls.clone()
+    }
+
+    fn set_offline(&self, offline: bool) {
+        self.0.lock().unwrap().offline = offline;
+    }
+}
+
+impl Remote for Scripted {
+    fn push<'a>(&'a self, _tenant: &'a str, changes: &'a [Change]) -> RemoteFuture<'a, PushResponse> {
+        let results = changes.iter().zip(1000..).map(|(change, seq)| ChangeResult { op_id: change.op_id, status: Status::Applied { seq } }).collect();
+        Box::pin(async move { Ok(PushResponse { cursor: 0, results, limits: None }) })
+    }
+
+    fn pull<'a>(&'a self, _tenant: &'a str, since: i64, _max_changes: i32, scopes: Option<&'a [String]>) -> RemoteFuture<'a, PullResponse> {
+        let mut script = self.0.lock().unwrap();
+        script.pulls.push((since, scopes.map(<[String]>::to_vec)));
+        let page = script.pages.pop_front().unwrap_or_else(|| Ok(page(Vec::new(), since, false, false)));
+        Box::pin(async move { page })
+    }
+
+    fn scope_definitions(&self) -> RemoteFuture<'_, Vec<ScopeDefinition>> {
+        let mut script = self.0.lock().unwrap();
+        script.definitions_asked += 1;
+        let answer = match script.offline {
+            true => Err(Error::connection("offline", None)),
+            false => Ok([("project", "project_id"), ("owner", "owner")]
+                .map(|(scope, field)| ScopeDefinition { scope: scope.into(), model: "task".into(), field: field.into() })
+                .into()),
+        };
+        Box::pin(async move { answer })
+    }
+}
+
+fn page(changes: Vec<PulledChange>, cursor: i64, has_more: bool, reset: bool) -> PullResponse {
+    PullResponse { changes, cursor, has_more, reset, digest: None, digests: None }
+}
+
+/// The hlc `2026-01-01T00:00:00.<millis>Z-0000`.
+fn at(millis: u16) -> sync_ext_protocol::Hlc {
+    format!("2026-01-01T00:00:00.{millis:03}Z-0000").parse().unwrap()
+}
+
+/// A row written once, at `millis`, with `value`.
+fn written(millis: u16, value: Value) -> RowState {
+    let mut row = RowState::default();
+    row.apply(&Change { op_id: Uuid::new_v4(), model: "-".into(), pk: "-".into(), op: Op::Insert, hlc: at(millis), actor: "server".into(), value: Some(object(value)) });
+    row
+}
+
+/// A change as a pull delivers it (not a whole row), stamped at `millis`.
+fn pulled(seq: i64, op: Op, model: &str, pk: &str, value: Option<Value>) -> PulledChange {
+    let hlc = at(u16::try_from(seq).unwrap());
+    PulledChange { seq, op_id: Uuid::new_v4(), model: model.into(), pk: pk.into(), op, hlc, actor: "server".into(), value: value.map(object), field_stamps: None, deleted_hlc: None }
+}
+
+fn scoped(store: LocalStore, remote: &Scripted, scopes: &[&str]) -> SyncClient<Scripted> {
+    SyncClientBuilder::<Scripted>::new().tenant("acme").actor("device").local(store).remote(remote.clone()).scopes(scopes.iter().copied()).build().unwrap()
+}
+
+fn listed<R: Remote>(client: &SyncClient<R>, model: &str) -> BTreeMap<String, Map<String, Value>> {
+    client.list::<Map<String, Value>>(model).unwrap().into_iter().collect()
+}
+
+fn scopes_of<R: Remote>(client: &SyncClient<R>) -> Option<Vec<String>> {
+    client.scopes().unwrap().map(|scopes| scopes.into_iter().collect())
+}
+
+fn strings(texts: &[&str]) -> Option<Vec<String>> {
+    Some(texts.iter().map(|text| text.to_string()).collect())
+}
+
+/// The first pull of a replica: tasks in project 1, project 2, and project 1 owned by ann; a label
+/// (a tenant-wide model). It ends at seq 4.
+fn workspace() -> PullResponse {
+    page(
+        vec![
+            whole_row(1, "task", "t1", &written(1, json!({"project_id": 1, "title": "a"}))),
+            whole_row(2, "task", "t2", &written(2, json!({"project_id": 2, "title": "b"}))),
+            whole_row(3, "task", "t3", &written(3, json!({"project_id": 1, "owner": "ann", "title": "c"}))),
+            whole_row(4, "label", "l1", &written(4, json!({"name": "urgent"}))),
+        ],
+        4,
+        false,
+        true,
+    )
+}
+
+#[tokio::test]
+async fn a_leave_drops_the_confirmed_row_and_a_whole_row_replaces_it_with_unsent_changes_on_top() {
+    let remote = Scripted::default();
+    let device = scoped(LocalStore::memory(), &remote, &["project:1", "project:2"]);
+    remote.serve([workspace()]);
+    device.sync().await.unwrap();
+    assert_eq!(remote.pulls(), [(0, strings(&["project:1", "project:2"]))]);
+    assert_eq!(listed(&device, "task").len(), 3);
+    device.update("task", "t1", &json!({"title": "unsent"})).unwrap();
+    device.update("task", "t3", &json!({"title": "unsent too"})).unwrap();
+
+    let mut events = device.changes();
+    let moved_in = written(7, json!({"project_id": 2, "note": "moved in"}));
+    remote.serve([page(
+        vec![
+            pulled(5, Op::Leave, "task", "t1", None),
+            pulled(6, Op::Leave, "task", "t2", None),
+            whole_row(7, "task", "t3", &moved_in),
+            pulled(8, Op::Update, "label", "l1", Some(json!({"color": "red"}))),
+        ],
+        8,
+        false,
+        false,
+    )]);
+    // Pulled without pushing first, so that the unsent changes stay unsent.
+    let mut report = SyncReport::default();
+    device.pull_pages(4, Stream::Main, strings(&["project:1", "project:2"]).as_deref(), &mut report).await.unwrap();
+
+    let stored = device.store.transaction(|t| t.rows("task")).unwrap();
+    assert_eq!(stored.keys().collect::<Vec<_>>(), ["t1", "t3"], "a row that left, with nothing unsent, is forgotten");
+    assert_eq!(stored["t1"].confirmed, RowState::default(), "t1 left: nothing confirmed");
+    assert_eq!(Value::Object(stored["t1"].local.visible().unwrap()), json!({"title": "unsent"}), "the app sees the unsent change alone");
+    assert_eq!(Value::Object(stored["t3"].confirmed.visible().unwrap()), json!({"project_id": 2, "note": "moved in"}), "replaced, not merged: the old title is gone");
+    assert_eq!(stored["t3"].confirmed, moved_in, "the whole row's registers");
+    assert_eq!(Value::Object(listed(&device, "task")["t3"].clone()), json!({"project_id": 2, "note": "moved in", "title": "unsent too"}));
+    assert_eq!(Value::Object(listed(&device, "label")["l1"].clone()), json!({"name": "urgent", "color": "red"}), "other changes merge");
+    assert_eq!(device.pending().unwrap(), 2, "the outbox is untouched");
+    let rows = ["label/l1", "task/t1", "task/t2", "task/t3"].map(|row| row.split_once('/').map(|(model, pk)| (model.to_owned(), pk.to_owned())).unwrap());
+    assert_eq!(events.try_recv().unwrap(), RowsChanged { origin: Origin::Pull, rows: rows.into(), all: false }, "dropped rows are reported too");
+    assert_eq!(report.cursor, 8);
+}
+
+#[tokio::test]
+async fn a_leave_in_a_reset_drops_a_row_an_earlier_page_sent() {
+    let remote = Scripted::default();
+    let device = scoped(LocalStore::memory(), &remote, &["project:1"]);
+    remote.serve([
+        page(vec![whole_row(1, "task", "t1", &written(1, json!({"project_id": 1})))], -1, true, true),
+        page(vec![whole_row(2, "task", "t2", &written(2, json!({"project_id": 1}))), pulled(3, Op::Leave, "task", "t1", None)], 3, false, true),
+    ]);
+    let report = device.sync().await.unwrap();
+    assert_eq!(listed(&device, "task").keys().collect::<Vec<_>>(), ["t2"]);
+    assert_eq!(device.store.transaction(|t| t.rows("task")).unwrap().len(), 1);
+    assert_eq!((report.cursor, report.pulled), (3, 3));
+}
+
+#[tokio::test]
+async fn unsubscribe_drops_the_rows_no_remaining_instance_holds_and_never_the_outbox() {
+    let remote = Scripted::default();
+    let device = scoped(LocalStore::memory(), &remote, &["project:1", "project:2", "owner:ann"]);
+    remote.serve([workspace()]);
+    device.sync().await.unwrap();
+    device.update("task", "t1", &json!({"title": "unsent"})).unwrap();
+    let mut events = device.changes();
+
+    remote.set_offline(true);
+    let error = device.unsubscribe(["project:1"]).await.unwrap_err();
+    assert!(error.is_transient(), "{error}");
+    assert_eq!(scopes_of(&device), strings(&["owner:ann", "project:2"]), "recorded at once");
+    assert_eq!(listed(&device, "task").len(), 3, "nothing dropped without the definitions");
+
+    remote.set_offline(false);
+    device.unsubscribe(["project:1"]).await.unwrap();
+    let stored = device.store.transaction(|t| t.rows("task")).unwrap();
+    assert_eq!(stored["t1"].confirmed, RowState::default(), "t1 is in project:1 alone: dropped");
+    assert_eq!(Value::Object(listed(&device, "task")["t1"].clone()), json!({"title": "unsent"}), "its unsent change stays");
+    assert_eq!(listed(&device, "task").keys().collect::<Vec<_>>(), ["t1", "t2", "t3"], "t2 is in project:2, t3 in owner:ann");
+    assert_eq!(listed(&device, "label").len(), 1, "a tenant-wide row stays");
+    assert_eq!(device.pending().unwrap(), 1);
+    assert_eq!(events.try_recv().unwrap(), RowsChanged { origin: Origin::Unsubscribed, rows: vec![("task".into(), "t1".into())], all: false });
+    assert_eq!(remote.0.lock().unwrap().definitions_asked, 2);
+
+    // Offline again: the next sync drops the rows before it pulls, with the remaining scopes.
+    remote.set_offline(true);
+    assert!(device.unsubscribe(["owner:ann"]).await.is_err());
+    remote.set_offline(false);
+    device.sync().await.unwrap();
+    assert_eq!(listed(&device, "task").keys().collect::<Vec<_>>(), ["t1", "t2"], "t3 dropped by the sync; t1's change was pushed");
+    assert_eq!(remote.pulls().last().unwrap(), &(4, strings(&["project:2"])));
+    device.sync().await.unwrap();
+    assert_eq!(remote.0.lock().unwrap().definitions_asked, 4, "dropped once: the next sync asks for no definitions");
+}
+
+#[tokio::test]
+async fn subscribe_bootstraps_the_new_instances_alone_resumes_after_a_crash_and_goes_on_from_the_lesser_cursor() {
+    let (_dir, path) = temp_db();
+    let remote = Scripted::default();
+    {
+        let device = scoped(LocalStore::sqlite(&path).unwrap(), &remote, &["project:1"]);
+        remote.serve([page(vec![whole_row(3, "task", "t1", &written(3, json!({"project_id": 1}))), whole_row(4, "label", "l1", &written(4, json!({"name": "x"})))], 10, false, true)]);
+        device.sync().await.unwrap();
+        remote.serve([page(vec![whole_row(12, "task", "t2", &written(12, json!({"project_id": 2})))], -12, true, true)]);
+        remote.fail_next_pull();
+        let error = device.subscribe(["project:2", "project:1"]).await.unwrap_err();
+        assert!(error.is_transient(), "{error}");
+        assert_eq!(listed(&device, "task").keys().collect::<Vec<_>>(), ["t1", "t2"], "the bootstrap forgets nothing");
+        assert_eq!(scopes_of(&device), strings(&["project:1", "project:2"]));
+    }
+    // Reopened with the same instances (in another order): the bootstrap goes on from its last page.
+    let device = scoped(LocalStore::sqlite(&path).unwrap(), &remote, &["project:2", "project:1"]);
+    remote.serve([page(vec![pulled(13, Op::Leave, "task", "t1", None), whole_row(14, "task", "t4", &written(14, json!({"project_id": 2})))], 20, false, true)]);
+    let report = device.sync().await.unwrap();
+    assert_eq!(listed(&device, "task").keys().collect::<Vec<_>>(), ["t1", "t2", "t4"], "a bootstrap ignores leaves");
+    assert_eq!(listed(&device, "label").len(), 1);
+    assert_eq!(
+        remote.pulls(),
+        [
+            (0, strings(&["project:1"])),
+            (0, strings(&["project:2"])),
+            (-12, strings(&["project:2"])),
+            (-12, strings(&["project:2"])),
+            (10, strings(&["project:1", "project:2"])),
+        ],
+        "only the new instance is bootstrapped; then one cursor, min(10, 20), over both"
+    );
+    assert_eq!(report.cursor, 10, "the scripted server had nothing after 10");
+    assert_eq!(device.store.transaction(read_cursor).unwrap(), 10);
+}
+
+#[tokio::test]
+async fn a_store_opened_with_other_scopes_moves_to_them_as_subscribe_and_unsubscribe_would() {
+    let (_dir, path) = temp_db();
+    let remote = Scripted::default();
+    {
+        let device = scoped(LocalStore::sqlite(&path).unwrap(), &remote, &["project:1", "project:2"]);
+        remote.serve([workspace()]);
+        device.sync().await.unwrap();
+    }
+    let device = scoped(LocalStore::sqlite(&path).unwrap(), &remote, &["project:2", "owner:ann"]);
+    assert_eq!(scopes_of(&device), strings(&["owner:ann", "project:2"]));
+    remote.serve([page(vec![whole_row(9, "task", "t5", &written(9, json!({"owner": "ann"})))], 9, false, true)]);
+    device.sync().await.unwrap();
+    assert_eq!(listed(&device, "task").keys().collect::<Vec<_>>(), ["t2", "t3", "t5"], "t1 (project:1 alone) dropped, owner:ann bootstrapped");
+    assert_eq!(remote.pulls()[1..], [(0, strings(&["owner:ann"])), (4, strings(&["owner:ann", "project:2"]))]);
+    drop(device);
+
+    // Opened without scopes: the whole tenant, pulled from the start of the log over the rows held.
+    let whole = client("device", LocalStore::sqlite(&path).unwrap(), remote.clone());
+    assert_eq!(scopes_of(&whole), None);
+    whole.sync().await.unwrap();
+    assert_eq!(remote.pulls().last().unwrap(), &(0, None));
+    assert_eq!(listed(&whole, "task").len(), 3, "nothing forgotten");
+}
+
+#[tokio::test]
+async fn scopes_are_validated_and_a_replica_of_the_whole_tenant_has_none_to_change() {
+    let built = SyncClientBuilder::<Scripted>::new().tenant("acme").actor("device").local(LocalStore::memory()).remote(Scripted::default()).scopes(["project"]).build();
+    assert!(matches!(&built, Err(Error::InvalidChange(message)) if message.starts_with("scopes[0]: expected <scope>:<value>")), "{:?}", built.err());
+    let whole = client("device", LocalStore::memory(), Scripted::default());
+    assert!(matches!(whole.subscribe(["project:1"]).await, Err(Error::Config { .. })));
+    assert!(matches!(whole.unsubscribe(["project:1"]).await, Err(Error::Config { .. })));
+    assert!(matches!(whole.subscribe(["nope"]).await, Err(Error::InvalidChange(_))));
+
+    // A replica that has pulled nothing yet holds new instances at once: its first pull is a reset of all.
+    let remote = Scripted::default();
+    let fresh = scoped(LocalStore::memory(), &remote, &[]);
+    assert_eq!(scopes_of(&fresh), Some(Vec::new()), "no instance: the tenant-wide models alone");
+    fresh.subscribe(["project:1"]).await.unwrap();
+    assert_eq!(remote.pulls(), [(0, strings(&["project:1"]))]);
+    fresh.clear().unwrap();
+    assert_eq!(scopes_of(&fresh), strings(&["project:1"]), "a clear keeps the scopes");
+}
+
+#[tokio::test]
+async fn a_scoped_replica_checks_the_digest_of_each_instance_and_repairs_with_a_scoped_reset() {
+    let remote = Scripted::default();
+    let device = scoped(LocalStore::memory(), &remote, &["project:1"]);
+    let t1 = written(1, json!({"project_id": 1, "title": "a"}));
+    let (l1, l2) = (written(2, json!({"name": "urgent"})), written(3, json!({"name": "later"})));
+    let digests = |project: u64, wide: u64| Some(BTreeMap::from([("project:1".to_owned(), to_wire(project)), (String::new(), to_wire(wide))]));
+    let (t1_digest, l1_digest, l2_digest) = (row_state_digest("task", "t1", &t1), row_state_digest("label", "l1", &l1), row_state_digest("label", "l2", &l2));
+    let with = |mut page: PullResponse, project: u64, wide: u64| {
+        page.digests = digests(project, wide);
+        page
+    };
+    remote.serve([with(page(vec![whole_row(1, "task", "t1", &t1), whole_row(2, "label", "l1", &l1)], 2, false, true), t1_digest, l1_digest)]);
+    assert!(!device.sync().await.unwrap().repaired);
+
+    // The server holds a tenant-wide row this replica lacks: "" differs, and a reset of project:1 from
+    // beyond the log repairs it.
+    let reset = page(vec![whole_row(1, "task", "t1", &t1), whole_row(2, "label", "l1", &l1), whole_row(3, "label", "l2", &l2)], 3, false, true);
+    let wide = l1_digest.wrapping_add(l2_digest);
+    remote.serve([with(page(Vec::new(), 2, false, false), t1_digest, wide), with(reset.clone(), t1_digest, wide)]);
+    let report = device.sync().await.unwrap();
+    assert!(report.repaired, "{report:?}");
+    assert_eq!(remote.pulls().last().unwrap(), &(i64::MAX, strings(&["project:1"])));
+    assert_eq!(listed(&device, "label").len(), 2);
+
+    // A digest the repair cannot match: an error naming the instance, after one repair.
+    remote.serve([with(page(Vec::new(), 3, false, false), t1_digest.wrapping_add(1), wide), with(reset, t1_digest.wrapping_add(1), wide)]);
+    let error = device.sync().await.unwrap_err();
+    assert!(matches!(&error, Error::DigestMismatch { instance: Some(instance), .. } if instance == "project:1"), "{error}");
+    assert_eq!(remote.pulls().iter().filter(|(since, _)| *since == i64::MAX).count(), 2);
 }

@@ -158,7 +158,7 @@ fn queries_filter_and_order_by_fields_alike_in_sqlite_and_memory() {
 #[test]
 fn a_local_transaction_commits_every_write_or_none() {
     let client = offline(LocalStore::memory());
-    let mut events = client.subscribe();
+    let mut events = client.changes();
     let failed: Result<(), Error> = client.transaction(|tx| {
         tx.insert(&todo(1, "first", false, None))?;
         tx.insert(&todo(2, "second", false, None))?;

@@ -39,7 +39,7 @@ impl Remote for ScriptedRemote {
         Box::pin(async move { Err(error) })
     }
 
-    fn pull<'a>(&'a self, _tenant: &'a str, since: i64, _max_changes: i32) -> RemoteFuture<'a, PullResponse> {
+    fn pull<'a>(&'a self, _tenant: &'a str, since: i64, _max_changes: i32, _scopes: Option<&'a [String]>) -> RemoteFuture<'a, PullResponse> {
         Box::pin(async move { self.next_page(since) })
     }
 }

@@ -79,8 +79,8 @@ impl Remote for LosesNextAck {
         })
     }
 
-    fn pull<'a>(&'a self, tenant: &'a str, since: i64, max_changes: i32) -> RemoteFuture<'a, PullResponse> {
-        self.inner.pull(tenant, since, max_changes)
+    fn pull<'a>(&'a self, tenant: &'a str, since: i64, max_changes: i32, scopes: Option<&'a [String]>) -> RemoteFuture<'a, PullResponse> {
+        self.inner.pull(tenant, since, max_changes, scopes)
     }
 }
 
@@ -323,9 +323,9 @@ impl Remote for DuringRepair {
         self.inner.push(tenant, changes)
     }
 
-    fn pull<'a>(&'a self, tenant: &'a str, since: i64, max_changes: i32) -> RemoteFuture<'a, PullResponse> {
+    fn pull<'a>(&'a self, tenant: &'a str, since: i64, max_changes: i32, scopes: Option<&'a [String]>) -> RemoteFuture<'a, PullResponse> {
         Box::pin(async move {
-            let page = self.inner.pull(tenant, since, max_changes).await?;
+            let page = self.inner.pull(tenant, since, max_changes, scopes).await?;
             let hook = if since == i64::MAX { self.hook.lock().unwrap().take() } else { None };
             if let Some(hook) = hook {
                 hook();

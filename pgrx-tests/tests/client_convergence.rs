@@ -98,14 +98,14 @@ impl Remote for Flaky {
         })
     }
 
-    fn pull<'a>(&'a self, tenant: &'a str, since: i64, max_changes: i32) -> RemoteFuture<'a, PullResponse> {
+    fn pull<'a>(&'a self, tenant: &'a str, since: i64, max_changes: i32, scopes: Option<&'a [String]>) -> RemoteFuture<'a, PullResponse> {
         if let Some(offline) = self.offline_error() {
             return offline;
         }
         if self.take(&[Fault::BeforePull]).is_some() {
             return Box::pin(async { Err(Error::connection("injected: the pull never left", None)) });
         }
-        self.inner.pull(tenant, since, max_changes)
+        self.inner.pull(tenant, since, max_changes, scopes)
     }
 }
 
