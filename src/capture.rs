@@ -153,6 +153,6 @@ pub fn commit_server_changes(client: &mut SpiClient<'_>, tenant: &str, model: &s
             value: draft.value,
         })
         .collect();
-    store_batch(client, tenant, &state, &changes, Default::default(), i32::MAX)?;
+    store_batch(client, tenant, &state, &changes, Default::default(), i32::MAX, None)?;
     Ok(())
 }

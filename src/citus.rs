@@ -37,11 +37,11 @@ thread_local! {
 }
 
 /// The sync tables whose shards a tenant's statements may name directly (co-located: on one node).
-const SHARDED: [&str; 3] = ["sync_ext.tenants", "sync_ext.op_log", "sync_ext.snapshots"];
+const SHARDED: [&str; 5] = ["sync_ext.tenants", "sync_ext.op_log", "sync_ext.snapshots", "sync_ext.scope_log", "sync_ext.scope_digests"];
 
 /// The names of one tenant's shards of [`SHARDED`], in that order.
 #[derive(Clone)]
-struct LocalShards([String; 3]);
+struct LocalShards([String; 5]);
 
 /// Where a tenant's sync state is for the engine: on this node's shards, or behind Citus (or on one
 /// plain node, when nothing is distributed).
@@ -96,7 +96,7 @@ pub fn placement(tenant: &str, access: Access) -> SyncResult<Placement> {
         .get_one::<Vec<String>>()
     })?
     .unwrap_or_default();
-    Ok(Placement(<[String; 3]>::try_from(local).ok().map(LocalShards)))
+    Ok(Placement(<[String; 5]>::try_from(local).ok().map(LocalShards)))
 }
 
 impl Placement {

@@ -33,6 +33,7 @@ fn compact(tenant: &str, keep: Interval) -> SyncResult<serde_json::Value> {
             let superseded = removed(client, tenant, &keep, SUPERSEDED)?;
             let tombstones = removed(client, tenant, &keep, TOMBSTONE_HISTORY)?;
             let dropped = client.update(DROPPED_TOMBSTONES, None, &[tenant.into()])?.first().get_one::<i64>()?.unwrap_or(0);
+            client.update(UNLOGGED_INDEX_ENTRIES, None, &[tenant.into()])?;
             let horizon = client
                 .update(
                     "UPDATE sync_ext.tenants SET horizon = greatest(horizon, $2), horizon_hlc = greatest(horizon_hlc, $3 COLLATE \"C\")
@@ -87,6 +88,13 @@ WITH dropped AS (
        AND NOT EXISTS (SELECT FROM sync_ext.op_log AS o WHERE o.tenant_id = $1 AND o.seq = s.seq)
     RETURNING 1)
 SELECT count(*) FROM dropped";
+
+/// The scope index entries of the log entries removed above (a row's current entry stays, so scoped
+/// resets still find every row).
+const UNLOGGED_INDEX_ENTRIES: &str = "
+DELETE FROM sync_ext.scope_log AS l
+ WHERE l.tenant_id = $1
+   AND NOT EXISTS (SELECT FROM sync_ext.op_log AS o WHERE o.tenant_id = $1 AND o.seq = l.seq)";
 
 #[cfg(any(test, feature = "pg_test"))]
 #[pg_schema]
@@ -157,7 +165,7 @@ mod tests {
         let left: Vec<i64> = Spi::get_one::<Vec<i64>>("SELECT array_agg(seq ORDER BY seq) FROM sync_ext.op_log").unwrap().unwrap();
         assert_eq!(left, [3, 6], "row 1's latest entry and row 3 stay; row 2 and its history are gone");
         let stats = Spi::get_one::<pgrx::JsonB>("SELECT to_jsonb(s) - 'last_push_at' FROM sync_ext.tenant_stats AS s").unwrap().unwrap().0;
-        assert_eq!(stats, json!({"tenant_id": "t", "last_seq": 6, "op_log_rows": 2, "snapshot_rows": 2, "tombstones": 0, "horizon": 5}));
+        assert_eq!(stats, json!({"tenant_id": "t", "last_seq": 6, "op_log_rows": 2, "snapshot_rows": 2, "tombstones": 0, "horizon": 5, "scope_instances": 0}));
 
         let mut in_sync_client = BTreeMap::new();
         assert_eq!(follow("t", &mut in_sync_client, 0, 100).1, 1, "a new client is bootstrapped by a reset");

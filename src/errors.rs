@@ -40,6 +40,15 @@ pub enum SyncError {
     /// The role may not access the tenant (42501).
     #[error("permission denied for tenant {tenant}: role {role} has no grant for it (see sync_grant_tenant)")]
     Forbidden { role: String, tenant: String },
+    /// The role may pull only some scope instances of the tenant, and asked for the whole tenant (42501).
+    #[error("permission denied for tenant {tenant}: role {role} may pull only the scope instances granted to it: pass scopes (see sync_grant_scope)")]
+    ScopesRequired { role: String, tenant: String },
+    /// The role may not pull a scope instance it named (42501).
+    #[error("permission denied for scope instance {instance} of tenant {tenant}: role {role} has no grant for it (see sync_grant_scope)")]
+    ForbiddenInstance { role: String, tenant: String, instance: String },
+    /// No such scope definition (42704).
+    #[error("no scope {scope} is defined for model {model}")]
+    UnknownScope { scope: String, model: String },
     /// A write sent to a hot standby (25006).
     #[error("{function} writes, and this server is a read-only hot standby: send it to the primary")]
     ReadOnlyStandby { function: &'static str },
@@ -80,12 +89,14 @@ impl SyncError {
             }
             SyncError::InvalidPortable { .. } => PgSqlErrorCode::ERRCODE_INVALID_TEXT_REPRESENTATION,
             SyncError::MissingTenant { .. } | SyncError::MissingKey { .. } => PgSqlErrorCode::ERRCODE_NOT_NULL_VIOLATION,
-            SyncError::Forbidden { .. } => PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+            SyncError::Forbidden { .. } | SyncError::ScopesRequired { .. } | SyncError::ForbiddenInstance { .. } => {
+                PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE
+            }
             SyncError::NotInstalled | SyncError::OutdatedSchema { .. } => PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
             SyncError::ReadOnlyStandby { .. } => PgSqlErrorCode::ERRCODE_READ_ONLY_SQL_TRANSACTION,
             SyncError::InvalidMessagePack { .. } => PgSqlErrorCode::ERRCODE_INVALID_TEXT_REPRESENTATION,
             SyncError::AlreadyRegistered { .. } => PgSqlErrorCode::ERRCODE_DUPLICATE_OBJECT,
-            SyncError::UnknownModel { .. } => PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
+            SyncError::UnknownModel { .. } | SyncError::UnknownScope { .. } => PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT,
             SyncError::CorruptSnapshot { .. } | SyncError::CorruptTenant { .. } => PgSqlErrorCode::ERRCODE_DATA_CORRUPTED,
             SyncError::NotDistributable { .. } => PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
             SyncError::Spi(_) => PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,

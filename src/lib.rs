@@ -23,6 +23,7 @@ mod notifier;
 mod plans;
 mod pull;
 mod push;
+mod scopes;
 mod settings;
 mod storage;
 mod subtransaction;
@@ -46,7 +47,8 @@ pgrx::extension_sql_file!(
     requires = ["upgrade_0_2_0", settings::sync_configure, pull::sync_ext::tenant_digest, auth::sync_ext::may_access, models::sync_register_model, models::sync_unregister_model]
 );
 pgrx::extension_sql_file!("../sql/sync_ext--0.3.0--0.4.0.sql", name = "upgrade_0_4_0", requires = ["upgrade_0_3_0"]);
-pgrx::extension_sql_file!("../sql/sync_ext--0.4.0--0.5.0.sql", name = "upgrade_0_5_0", finalize);
+pgrx::extension_sql_file!("../sql/sync_ext--0.4.0--0.5.0.sql", name = "upgrade_0_5_0", requires = ["upgrade_0_4_0"]);
+pgrx::extension_sql_file!("../sql/sync_ext--0.5.0--0.6.0.sql", name = "upgrade_0_6_0", finalize);
 
 /// Values of `sync_ext.number_mode`.
 #[derive(PostgresGucEnum, Clone, Copy, PartialEq, Eq, Debug)]

@@ -51,6 +51,8 @@ pub struct Model {
     /// Whether the table's primary key also holds the tenant column (as a table distributed by tenant needs).
     key_holds_tenant: bool,
     tenant: TenantBinding,
+    /// Devices may not push to the model (see `sync_set_read_only`).
+    read_only: bool,
 }
 
 thread_local! {
@@ -215,7 +217,7 @@ impl Model {
                 problem: format!("the primary key of {table_name} is its tenant column alone; it needs a column that names the row within its tenant"),
             });
         }
-        Ok(Model { name: name.to_owned(), table, table_name, row_type, fields, primary_key, key_holds_tenant, tenant })
+        Ok(Model { name: name.to_owned(), table, table_name, row_type, fields, primary_key, key_holds_tenant, tenant, read_only: false })
     }
 
     /// On a distributed install: fails unless the table is distributed by its tenant column, co-located
@@ -292,23 +294,29 @@ impl Model {
     fn load(client: &SpiClient<'_>, condition: &str, argument: DatumWithOid<'_>) -> SyncResult<HashMap<String, Model>> {
         let rows = crate::plans::select(
             client,
-            &format!("SELECT model, table_name::oid, tenant_column::text, tenant FROM sync_ext.models WHERE {condition}"),
+            &format!("SELECT model, table_name::oid, tenant_column::text, tenant, read_only FROM sync_ext.models WHERE {condition}"),
             None,
             &[argument],
         )?;
         let mut registered = Vec::new();
         for row in rows {
             let table: pg_sys::Oid = row.get(2)?.unwrap_or(pg_sys::InvalidOid);
-            registered.push((row.get::<String>(1)?.unwrap_or_default(), table, row.get::<String>(3)?, row.get::<String>(4)?));
+            let read_only = row.get::<bool>(5)?.unwrap_or(false);
+            registered.push((row.get::<String>(1)?.unwrap_or_default(), table, row.get::<String>(3)?, row.get::<String>(4)?, read_only));
         }
         registered
             .into_iter()
-            .map(|(name, table, column, tenant)| {
+            .map(|(name, table, column, tenant, read_only)| {
                 crate::kept::watch(table); // an ALTER TABLE makes the description stale
-                let model = Self::describe(client, &name, table, column.as_deref(), tenant.as_deref())?;
+                let model = Model { read_only, ..Self::describe(client, &name, table, column.as_deref(), tenant.as_deref())? };
                 Ok((name, model))
             })
             .collect()
+    }
+
+    /// Whether devices may not push to the model.
+    pub fn is_read_only(&self) -> bool {
+        self.read_only
     }
 
     fn field(&self, name: &str) -> Option<(usize, &Field)> {
@@ -721,6 +729,28 @@ fn unregister(name: &str) -> SyncResult<()> {
         let table: String = removed.first().get_one()?.unwrap_or_default();
         for trigger in ["sync_ext_capture_insert", "sync_ext_capture_update", "sync_ext_capture_delete", "sync_ext_forbid_truncate"] {
             client.update(&format!("DROP TRIGGER IF EXISTS {trigger} ON {table}"), None, &[])?;
+        }
+        Ok(())
+    })
+}
+
+/// Makes a bound model read-only for devices (`read_only` true) or writable again: pushed changes to it
+/// are rejected `read_only`, while the table's own writes are captured and pulled as usual. The owner's.
+#[pg_extern(volatile, parallel_unsafe)]
+fn sync_set_read_only(model: &str, read_only: default!(bool, true)) -> Result<(), pgrx::pg_sys::panic::ErrorReport> {
+    Ok(set_read_only(model, read_only)?)
+}
+
+fn set_read_only(name: &str, read_only: bool) -> SyncResult<()> {
+    // As the caller: only the owner (or a superuser) may write the registered models.
+    Spi::connect_mut(|client| {
+        let updated = client.update(
+            "UPDATE sync_ext.models AS m SET read_only = $2 WHERE m.model OPERATOR(pg_catalog.=) $1 RETURNING 1",
+            None,
+            &[name.into(), read_only.into()],
+        )?;
+        if updated.is_empty() {
+            return Err(SyncError::UnknownModel { model: name.to_owned() });
         }
         Ok(())
     })

@@ -7,6 +7,11 @@
 //! later changes exactly as the server does. Mid-reset the cursor is negative (`-S`: rows through seq S
 //! sent); the last page ends at the tenant's last seq, from which ordinary pulls continue.
 //!
+//! A scoped pull (`scopes` lists instances, see [`sync_ext_protocol::scope`]) reads the scope index
+//! instead: the changes of the listed instances and of tenant-wide models, a row entering them as its
+//! whole state (move-in), a row leaving them as `"op": "leave"`, and `since = 0` as a reset of their
+//! current rows. Its cursor is the last seq examined, and its last page has a digest per instance.
+//!
 //! On a hot standby a cursor above the last seq means the standby has not replayed that far yet (the
 //! client pulled from the primary or a faster standby before), so it gets an empty page and its own
 //! cursor back, and tries again later; restores are detected where pushes go, on the primary.
@@ -16,7 +21,11 @@ use pgrx::prelude::*;
 use pgrx::JsonB;
 use sync_ext_protocol::validate_tenant;
 
-use crate::auth::authorize;
+use std::collections::BTreeSet;
+
+use sync_ext_protocol::scope::{validate_instance, TENANT_WIDE};
+
+use crate::auth::{authorize_reach, require_reach};
 use crate::identity::as_engine;
 use crate::errors::{SyncError, SyncResult};
 use crate::jsonb::{JsonbDatum, Member};
@@ -28,7 +37,7 @@ use sync_ext_protocol::msgpack::Writer;
 /// walking the changes again. It reads at most one row more than the page may hold, to tell whether more follow, and
 /// keeps the rows that fit both limits: at most `$3` changes and at most `$4` bytes (of jsonb; the
 /// first change always, however large it is).
-const PULL_PAGE: &str = "
+static PULL_PAGE: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| format!("
 WITH t AS (
     SELECT coalesce(max(last_seq), 0) AS last_seq, coalesce(max(horizon), 0) AS horizon, coalesce(max(digest), 0) AS digest
       FROM sync_ext.tenants WHERE tenant_id = $1),
@@ -48,11 +57,7 @@ fetched AS (
                  LIMIT $3 + 1) AS log_rows
             UNION ALL
             SELECT * FROM (
-                SELECT s.seq, jsonb_build_object('seq', s.seq, 'op_id', s.op_id, 'model', s.model, 'pk', s.id,
-                                                 'op', CASE WHEN s.deleted THEN 'delete' ELSE 'insert' END,
-                                                 'hlc', s.hlc, 'actor', s.actor,
-                                                 'value', CASE WHEN s.deleted THEN NULL ELSE s.value END,
-                                                 'field_stamps', s.field_stamps, 'deleted_hlc', s.deleted_hlc) AS change
+                SELECT s.seq, {whole_row} AS change
                   FROM sync_ext.snapshots AS s
                  WHERE (SELECT reset FROM mode) AND s.tenant_id COLLATE \"C\" = $1 AND s.seq > (SELECT snapshot_after FROM mode)
                  ORDER BY s.seq
@@ -72,21 +77,118 @@ answer AS (
       FROM mode, page)
 SELECT changes, cursor, has_more, reset,
        CASE WHEN NOT has_more AND cursor = last_seq THEN lpad(to_hex(digest), 16, '0') END AS digest
-  FROM answer";
+  FROM answer", whole_row = whole_row("s.seq")));
+
+/// A row's whole state as a pulled change at `seq` (reset rows, move-ins): its visible fields and its
+/// merge registers, from the snapshot `s`.
+fn whole_row(seq: &str) -> String {
+    format!(
+        "jsonb_build_object('seq', {seq}, 'op_id', s.op_id, 'model', s.model, 'pk', s.id,
+                           'op', CASE WHEN s.deleted THEN 'delete' ELSE 'insert' END, 'hlc', s.hlc, 'actor', s.actor,
+                           'value', CASE WHEN s.deleted THEN NULL ELSE s.value END,
+                           'field_stamps', s.field_stamps, 'deleted_hlc', s.deleted_hlc)"
+    )
+}
+
+/// A scoped page, read in one statement from the scope index (`$5`: the listed instances and `''`):
+/// the first `$3 + 1` index entries after the cursor (after `-$2` mid-reset, after 0 in a reset) over
+/// all listed instances, each with whether its row was in a listed instance before and after it. Out of
+/// a reset an entry is the logged change, the row's whole state (it moved in) or a `leave` (it moved out);
+/// in a reset only the entries that are their row's current seq give anything: the row, or a `leave` if
+/// the row's last change took it out. The page keeps the entries that fit the limits, as [`PULL_PAGE`];
+/// the cursor is the last entry kept, or when none is left the tenant's last seq.
+static PULL_SCOPED: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| format!("
+WITH t AS (
+    SELECT coalesce(max(last_seq), 0) AS last_seq, coalesce(max(horizon), 0) AS horizon, coalesce(max(scope_horizon), 0) AS scope_horizon
+      FROM sync_ext.tenants WHERE tenant_id = $1),
+mode AS (
+    SELECT ($2 <= 0 OR $2 < t.horizon OR $2 < t.scope_horizon OR ($2 > t.last_seq AND NOT pg_is_in_recovery())) AS reset, t.last_seq
+      FROM t),
+examined AS (
+    SELECT l.seq, bool_or(l.before) AS was_in, bool_or(l.after) AS is_in
+      FROM unnest($5::text[]) AS i(instance)
+     CROSS JOIN LATERAL (
+           SELECT seq, before, after FROM sync_ext.scope_log
+            WHERE tenant_id = $1 AND instance = i.instance
+              AND seq > CASE WHEN $2 < 0 THEN -$2 WHEN (SELECT reset FROM mode) THEN 0 ELSE $2 END
+            ORDER BY seq
+            LIMIT $3 + 1) AS l
+     GROUP BY l.seq
+     ORDER BY l.seq
+     LIMIT $3 + 1),
+changes AS (
+    SELECT e.seq,
+           CASE WHEN e.was_in AND e.is_in
+                THEN jsonb_build_object('seq', o.seq, 'op_id', o.op_id, 'model', o.model, 'pk', o.pk, 'op', o.op,
+                                        'hlc', o.hlc, 'actor', o.actor, 'value', o.payload)
+                WHEN e.is_in AND s.id IS NOT NULL THEN {moved_in}
+                ELSE jsonb_build_object('seq', o.seq, 'op_id', o.op_id, 'model', o.model, 'pk', o.pk, 'op', 'leave',
+                                        'hlc', o.hlc, 'actor', o.actor, 'value', NULL) END AS change
+      FROM examined AS e
+      JOIN sync_ext.op_log AS o ON o.tenant_id = $1 AND o.seq = e.seq
+      LEFT JOIN sync_ext.snapshots AS s ON e.is_in AND NOT e.was_in AND s.tenant_id = $1 AND s.model = o.model AND s.id = o.pk
+     WHERE NOT (SELECT reset FROM mode)
+    UNION ALL
+    SELECT e.seq,
+           CASE WHEN s.seq IS NULL THEN NULL
+                WHEN e.is_in THEN {current}
+                ELSE jsonb_build_object('seq', s.seq, 'op_id', s.op_id, 'model', s.model, 'pk', s.id, 'op', 'leave',
+                                        'hlc', s.hlc, 'actor', s.actor, 'value', NULL) END
+      FROM examined AS e
+      LEFT JOIN sync_ext.snapshots AS s ON s.tenant_id COLLATE \"C\" = $1 AND s.seq = e.seq
+     WHERE (SELECT reset FROM mode)),
+fetched AS (
+    SELECT seq, change, row_number() OVER w AS n, sum(coalesce(pg_column_size(change), 0)) OVER w AS bytes
+      FROM changes
+    WINDOW w AS (ORDER BY seq)),
+page AS (
+    SELECT count(*) AS fetched,
+           count(*) FILTER (WHERE kept) AS kept,
+           coalesce(jsonb_agg(change ORDER BY seq) FILTER (WHERE kept AND change IS NOT NULL), '[]') AS changes,
+           max(seq) FILTER (WHERE kept) AS last_kept
+      FROM (SELECT seq, change, n <= $3 AND (n = 1 OR bytes <= $4) AS kept FROM fetched) AS marked),
+answer AS (
+    SELECT page.changes, page.fetched > page.kept AS has_more, mode.reset, mode.last_seq,
+           CASE WHEN page.fetched > page.kept THEN CASE WHEN mode.reset THEN -page.last_kept ELSE page.last_kept END
+                WHEN mode.reset THEN mode.last_seq
+                ELSE greatest(mode.last_seq, $2) END AS cursor
+      FROM mode, page)
+SELECT changes, cursor, has_more, reset,
+       CASE WHEN NOT has_more AND cursor = last_seq THEN
+            (SELECT jsonb_object_agg(i.instance, lpad(to_hex(coalesce(d.digest, 0)), 16, '0'))
+               FROM unnest($5::text[]) AS i(instance)
+               LEFT JOIN sync_ext.scope_digests AS d ON d.tenant_id = $1 AND d.instance = i.instance) END AS digests
+  FROM answer", moved_in = whole_row("e.seq"), current = whole_row("s.seq")));
+
+/// The most instances one scoped pull may list.
+pub const MAX_PULL_SCOPES: usize = 1000;
 
 /// Returns `{"changes":[...],"cursor":N,"has_more":bool}` (plus `"reset":true` when the cursor cannot be
 /// continued from the log, and on the page that ends at the tenant's last seq the `"digest"` of its
 /// visible rows): at most `max_changes` changes after `since`. The body is built by one query
 /// and returned without re-parsing.
+///
+/// With `scopes`, the page holds only tenant-wide models and the rows of the listed instances (see the
+/// module docs); `NULL` is the whole tenant.
 #[pg_extern(stable, parallel_safe)]
-fn sync_pull(tenant: &str, since: i64, max_changes: default!(i32, 1000)) -> Result<JsonbDatum, ErrorReport> {
-    Ok(pull_page(tenant, since, max_changes, |page| JsonbDatum::object(page.members()))?)
+fn sync_pull(
+    tenant: &str,
+    since: i64,
+    max_changes: default!(i32, 1000),
+    scopes: default!(Option<Vec<String>>, "NULL"),
+) -> Result<JsonbDatum, ErrorReport> {
+    Ok(pull_page(tenant, since, max_changes, scopes, |page| JsonbDatum::object(page.members()))?)
 }
 
 /// `sync_pull` with the body encoded as MessagePack (named fields).
 #[pg_extern(stable, parallel_safe)]
-fn sync_pull_msgpack(tenant: &str, since: i64, max_changes: default!(i32, 1000)) -> Result<Vec<u8>, ErrorReport> {
-    Ok(pull_page(tenant, since, max_changes, |page| {
+fn sync_pull_msgpack(
+    tenant: &str,
+    since: i64,
+    max_changes: default!(i32, 1000),
+    scopes: default!(Option<Vec<String>>, "NULL"),
+) -> Result<Vec<u8>, ErrorReport> {
+    Ok(pull_page(tenant, since, max_changes, scopes, |page| {
         let mut writer = Writer::default();
         let members = page.members();
         writer.map(members.len() as u32);
@@ -111,6 +213,8 @@ struct Page {
     has_more: bool,
     reset: bool,
     digest: Option<String>,
+    /// Scoped pulls: the digest of each listed instance.
+    digests: Option<serde_json::Value>,
 }
 
 impl Page {
@@ -123,34 +227,72 @@ impl Page {
         if let Some(digest) = &self.digest {
             members.push(("digest", Member::Text(digest.clone())));
         }
+        if let Some(digests) = &self.digests {
+            members.push(("digests", Member::Json(digests)));
+        }
         members
     }
 }
 
-fn pull_page<T>(tenant: &str, since: i64, max_changes: i32, body: impl FnOnce(Page) -> T) -> SyncResult<T> {
+fn pull_page<T>(tenant: &str, since: i64, max_changes: i32, scopes: Option<Vec<String>>, body: impl FnOnce(Page) -> T) -> SyncResult<T> {
     validate_tenant(tenant)?;
     if max_changes < 1 {
         return Err(SyncError::InvalidArgument { argument: "max_changes", problem: format!("must be 1 or more, got {max_changes}") });
     }
+    // The listed instances and the tenant-wide one.
+    let listed = scopes.map(listed_instances).transpose()?;
     as_engine(|engine| {
-        let settings = authorize(engine, tenant)?;
+        let (settings, reach) = authorize_reach(engine, tenant)?;
+        require_reach(engine, tenant, &reach, listed.as_ref().map(|listed| &listed[..listed.len() - 1]))?;
         let limit = max_changes.min(settings.max_pull_changes);
-        let args = [tenant.into(), since.into(), limit.into(), settings.max_pull_bytes.into()];
         crate::citus::placement(tenant, crate::citus::Access::Read)?.run(|| Spi::connect(|client| {
-            let row = crate::plans::select(client, PULL_PAGE, Some(1), &args)?.first();
+            // While no scope is defined every model is tenant-wide: a scoped pull is the tenant's.
+            let indexed = listed.is_some() && !crate::scopes::definitions(client)?.is_empty();
+            let mut args = vec![tenant.into(), since.into(), limit.into(), settings.max_pull_bytes.into()];
+            if indexed {
+                args.push(listed.clone().into());
+            }
+            let sql = if indexed { &*PULL_SCOPED } else { &*PULL_PAGE };
+            let row = crate::plans::select(client, sql, Some(1), &args)?.first();
             let changes = row.get_datum_by_ordinal(1)?.ok_or(pgrx::spi::Error::InvalidPosition)?;
-            let page = Page {
+            let mut page = Page {
                 // SAFETY: a jsonb the statement built; detoasting keeps it in SPI's memory, which lives
                 // until `body` has written what it returns.
                 changes: pg_sys::Datum::from(unsafe { pg_sys::pg_detoast_datum(changes.cast_mut_ptr()) }),
                 cursor: row.get(2)?.unwrap_or_default(),
                 has_more: row.get(3)?.unwrap_or_default(),
                 reset: row.get(4)?.unwrap_or_default(),
-                digest: row.get(5)?,
+                digest: None,
+                digests: None,
             };
+            match &listed {
+                Some(_) if indexed => page.digests = row.get::<JsonB>(5)?.map(|digests| digests.0),
+                Some(listed) => page.digests = row.get::<String>(5)?.map(|digest| all_tenant_wide(listed, digest)),
+                None => page.digest = row.get(5)?,
+            }
             Ok(body(page))
         }))
     })
+}
+
+/// The digests of a scoped page while no scope is defined: every row is tenant-wide.
+fn all_tenant_wide(listed: &[String], digest: String) -> serde_json::Value {
+    let empty = || serde_json::Value::from(format!("{:016x}", 0));
+    let digests = listed.iter().map(|instance| (instance.clone(), if instance == TENANT_WIDE { digest.clone().into() } else { empty() }));
+    serde_json::Value::Object(digests.collect())
+}
+
+/// The instances a scoped pull lists, checked, each once, and the tenant-wide instance last.
+fn listed_instances(scopes: Vec<String>) -> SyncResult<Vec<String>> {
+    if scopes.len() > MAX_PULL_SCOPES {
+        return Err(SyncError::InvalidArgument { argument: "scopes", problem: format!("lists {} instances, the limit is {MAX_PULL_SCOPES}", scopes.len()) });
+    }
+    for (index, instance) in scopes.iter().enumerate() {
+        validate_instance(&format!("scopes[{index}]"), instance)?;
+    }
+    let mut listed: Vec<String> = scopes.into_iter().collect::<BTreeSet<_>>().into_iter().collect();
+    listed.push(TENANT_WIDE.to_owned());
+    Ok(listed)
 }
 
 /// Functions of the `sync_ext` schema.

@@ -1,6 +1,6 @@
 //! `sync_push`: merges a batch of client changes into the op log, the snapshots and bound tables.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::prelude::*;
@@ -8,17 +8,18 @@ use pgrx::spi::SpiClient;
 use serde_json::Value;
 use sync_ext_protocol::hlc::wall_clock_millis;
 use sync_ext_protocol::digest::row_state_digest;
-use sync_ext_protocol::wire::PushLimits;
+use sync_ext_protocol::scope::Instances;
+use sync_ext_protocol::wire::{PushLimits, REASON_READ_ONLY};
 use sync_ext_protocol::{merge_batch, parse_changes, validate_tenant, BatchContext, BatchOutcome, Change, ParsedBatch, PushResponse, RowKey, Status};
 
-use crate::auth::authorize;
+use crate::auth::authorize_reach;
 use crate::citus::{self, Access, Placement};
 use crate::errors::{SyncError, SyncResult};
 use crate::identity::as_engine;
 use crate::jsonb::{Body, ByteaBody, JsonbBody, JsonbDatum};
 use crate::models::{self, Model, PendingWrites, RowWrite};
 use crate::notifier;
-use crate::storage::{self, Lock, TenantState};
+use crate::storage::{self, Digests, LoadedRows, Lock, TenantState};
 
 /// Applies a batch of changes for `tenant` and returns one result per change plus the tenant's cursor.
 /// See the README for the change format and the merge rule.
@@ -44,8 +45,9 @@ fn sync_push_msgpack(tenant: &str, changes: ByteaBody) -> Result<Vec<u8>, ErrorR
 pub fn push(tenant: &str, body: &Body, read: impl FnOnce() -> SyncResult<Value>) -> SyncResult<PushResponse> {
     validate_tenant(tenant)?;
     // Batches of unbound models are done in one pass by the engine (reading the body runs no SQL).
-    let Bound { mut changes, mut refused, skew, models, limits, placement } = match as_engine(|engine| {
-        let settings = authorize(engine, tenant)?;
+    let Bound { mut changes, mut refused, skew, models, limits, placement, writable } = match as_engine(|engine| {
+        let (settings, reach) = authorize_reach(engine, tenant)?;
+        let writable = reach.writable();
         let limits = Some(settings.push_limits_for_clients());
         body.check_size("changes", settings.max_push_bytes)?;
         let ParsedBatch { changes, refused } = parse_changes(&read()?, &settings.push_limits())?;
@@ -58,22 +60,28 @@ pub fn push(tenant: &str, body: &Body, read: impl FnOnce() -> SyncResult<Value>)
             let names: BTreeSet<&str> = changes.iter().map(|change| change.model.as_str()).collect();
             let models = Model::load_named(client, &names.into_iter().collect::<Vec<_>>())?;
             if !models.is_empty() {
-                return Ok(FirstPass::Bound(Bound { changes, refused, skew: settings.max_clock_skew_ms, models, limits, placement: placement.clone() }));
+                let skew = settings.max_clock_skew_ms;
+                return Ok(FirstPass::Bound(Bound { changes, refused, skew, models, limits, placement: placement.clone(), writable }));
             }
             let state = storage::lock_tenant(client, tenant, Lock::Counters)?;
-            let outcome = store_batch(client, tenant, &state, &changes, refused, settings.max_clock_skew_ms)?;
+            let outcome = store_batch(client, tenant, &state, &changes, refused, settings.max_clock_skew_ms, writable.as_ref())?;
             Ok(FirstPass::Done(PushResponse { cursor: outcome.last_seq, results: outcome.results, limits }))
         }))
     })? {
         FirstPass::Done(response) => return Ok(response),
         FirstPass::Bound(bound) => bound,
     };
+    for (index, change) in changes.iter().enumerate() {
+        if models.get(&change.model).is_some_and(Model::is_read_only) {
+            refused.entry(index).or_insert_with(|| REASON_READ_ONLY.to_owned());
+        }
+    }
     for (index, reason) in models::normalize_changes(&mut changes, tenant, &models, &refused) {
         refused.insert(index, reason);
     }
     let (state, mut merged) = placement.run(|| as_engine(|_| Spi::connect_mut(|client| {
         let state = storage::lock_tenant(client, tenant, Lock::WritingTables)?;
-        let merged = merge(client, tenant, &state, &changes, refused.clone(), skew)?;
+        let merged = merge(client, tenant, &state, &changes, refused.clone(), skew, writable.as_ref())?;
         Ok((state, merged))
     })))?;
     let refused_rows = models::write_rows(tenant, &models, &pending_writes(&merged.outcome, &models))?;
@@ -85,7 +93,7 @@ pub fn push(tenant: &str, body: &Body, read: impl FnOnce() -> SyncResult<Value>)
                     refused.entry(index).or_insert_with(|| reason.clone());
                 }
             }
-            merged = merge(client, tenant, &state, &changes, refused, skew)?;
+            merged = merge(client, tenant, &state, &changes, refused, skew, writable.as_ref())?;
         }
         store(client, tenant, &state, &changes, &merged)?;
         Ok(PushResponse { cursor: merged.outcome.last_seq, results: merged.outcome.results, limits })
@@ -110,6 +118,8 @@ struct Bound {
     limits: Option<PushLimits>,
     /// Where the tenant's sync state is (its shards' placement lock is held already).
     placement: Placement,
+    /// The scope instances the caller may write, `None` for all (see [`crate::auth::Reach`]).
+    writable: Option<Instances>,
 }
 /// The final states of the registered models' rows that a batch changed, to write into their tables.
 fn pending_writes(outcome: &BatchOutcome, models: &HashMap<String, Model>) -> PendingWrites {
@@ -122,15 +132,17 @@ fn pending_writes(outcome: &BatchOutcome, models: &HashMap<String, Model>) -> Pe
     pending
 }
 
-/// A batch's outcome, and the tenant's state digest after it.
+/// A batch's outcome, and the tenant's state digest after it and how far the digests of the scope
+/// instances it touched moved.
 struct Merged {
     outcome: BatchOutcome,
     digest: u64,
+    instance_digests: BTreeMap<String, u64>,
 }
 
-/// Decides a batch against the stored state of a locked tenant (two reads, no writes). Changes stamped
-/// more than `max_clock_skew_ms` ahead of the server clock are refused. The tenant's digest moves by
-/// what the changed rows' digests moved.
+/// Decides a batch against the stored state of a locked tenant (three reads, no writes). Changes stamped
+/// more than `max_clock_skew_ms` ahead of the server clock are refused, and with `writable` those to rows
+/// outside its instances. The digests move by what the changed rows' digests moved.
 fn merge(
     client: &SpiClient<'_>,
     tenant: &str,
@@ -138,9 +150,15 @@ fn merge(
     changes: &[Change],
     refused: HashMap<usize, String>,
     max_clock_skew_ms: i32,
+    writable: Option<&Instances>,
 ) -> SyncResult<Merged> {
-    let rows = storage::load_rows(client, tenant, changes)?;
-    let before: HashMap<RowKey, u64> = rows.iter().map(|(key, row)| (key.clone(), row_state_digest(&key.0, &key.1, row))).collect();
+    let LoadedRows { states: rows, instances } = storage::load_rows(client, tenant, changes)?;
+    // Read after the tenant's lock, so that a scope (re)definition committed meanwhile is seen.
+    let scopes = crate::scopes::definitions(client)?;
+    let before: HashMap<RowKey, (u64, Instances)> = rows
+        .iter()
+        .map(|(key, row)| (key.clone(), (row_state_digest(&key.0, &key.1, row), scopes.membership(&key.0, row, instances.get(key)))))
+        .collect();
     let context = BatchContext {
         last_seq: state.last_seq,
         logged: storage::logged_ops(client, tenant, changes)?,
@@ -148,16 +166,31 @@ fn merge(
         latest_allowed_millis: wall_clock_millis() + i64::from(max_clock_skew_ms),
         stale_through: state.horizon_hlc,
         refused,
+        scopes: &scopes,
+        instances,
+        writable: writable.cloned(),
     };
     let outcome = merge_batch(changes, context);
-    let digest = outcome.rows.iter().fold(state.digest, |digest, (key, touched)| {
-        let was = before.get(key).copied().unwrap_or(0);
-        digest.wrapping_sub(was).wrapping_add(row_state_digest(&key.0, &key.1, &touched.state))
-    });
-    Ok(Merged { outcome, digest })
+    let mut digest = state.digest;
+    let mut instance_digests: BTreeMap<String, u64> = BTreeMap::new();
+    for (key, touched) in &outcome.rows {
+        let (was, was_in) = before.get(key).cloned().unwrap_or_default();
+        let now = row_state_digest(&key.0, &key.1, &touched.state);
+        digest = digest.wrapping_sub(was).wrapping_add(now);
+        for instance in was_in {
+            let moved = instance_digests.entry(instance).or_default();
+            *moved = moved.wrapping_sub(was);
+        }
+        for instance in &touched.instances {
+            let moved = instance_digests.entry(instance.clone()).or_default();
+            *moved = moved.wrapping_add(now);
+        }
+    }
+    Ok(Merged { outcome, digest, instance_digests })
 }
 
-/// Writes a batch's outcome: the op log, the snapshots, the tenant's counters and digest, and a notification.
+/// Writes a batch's outcome: the op log, the snapshots, the scope index, the tenant's counters and
+/// digests, and a notification.
 fn store(client: &mut SpiClient<'_>, tenant: &str, state: &TenantState, changes: &[Change], merged: &Merged) -> SyncResult<()> {
     let outcome = &merged.outcome;
     if outcome.appended.is_empty() {
@@ -167,11 +200,12 @@ fn store(client: &mut SpiClient<'_>, tenant: &str, state: &TenantState, changes:
         return Ok(());
     }
     let newest = outcome.appended.iter().map(|entry| changes[entry.index].hlc).max();
-    storage::write_batch(client, tenant, changes, outcome, state.last_hlc.max(newest), merged.digest, notifier::route()?)?;
+    let digests = Digests { last_hlc: state.last_hlc.max(newest), tenant: merged.digest, instances: merged.instance_digests.clone() };
+    storage::write_batch(client, tenant, changes, outcome, &digests, notifier::route()?)?;
     Ok(())
 }
 
-/// Merges and stores a batch for a locked tenant.
+/// Merges and stores a batch for a locked tenant (`writable`: the instances the writer may write, `None` for all).
 pub fn store_batch(
     client: &mut SpiClient<'_>,
     tenant: &str,
@@ -179,8 +213,9 @@ pub fn store_batch(
     changes: &[Change],
     refused: HashMap<usize, String>,
     max_clock_skew_ms: i32,
+    writable: Option<&Instances>,
 ) -> SyncResult<BatchOutcome> {
-    let merged = merge(client, tenant, state, changes, refused, max_clock_skew_ms)?;
+    let merged = merge(client, tenant, state, changes, refused, max_clock_skew_ms, writable)?;
     store(client, tenant, state, changes, &merged)?;
     let outcome = merged.outcome;
     Ok(outcome)

@@ -33,7 +33,7 @@ const fn numeric(name: &'static str, unit: Unit, default: i32, min: i32, max: i3
 
 const MB: i32 = 1024 * 1024;
 
-const DEFINITIONS: [Definition; 7] = [
+const DEFINITIONS: [Definition; 8] = [
     numeric("max_push_changes", Unit::Count, 10_000, 1, 1_000_000),
     numeric("max_push_bytes", Unit::Bytes, 8 * MB, 1024, i32::MAX),
     numeric("max_value_bytes", Unit::Bytes, MB, 1, i32::MAX),
@@ -41,6 +41,7 @@ const DEFINITIONS: [Definition; 7] = [
     numeric("max_pull_bytes", Unit::Bytes, 8 * MB, 1024, i32::MAX),
     numeric("max_clock_skew", Unit::Millis, 5 * 60 * 1000, 0, i32::MAX),
     Definition { name: "jwt_tenant_claim", unit: Unit::Text, default: 0, min: 0, max: 0 },
+    Definition { name: "jwt_scopes_claim", unit: Unit::Text, default: 0, min: 0, max: 0 },
 ];
 
 /// The settings in force for one call.
@@ -60,6 +61,8 @@ pub struct Settings {
     pub max_clock_skew_ms: i32,
     /// When set, the claim of `request.jwt.claims` that must equal the tenant.
     pub jwt_tenant_claim: Option<String>,
+    /// When set, the claim of `request.jwt.claims` listing the only scope instances the request may reach.
+    pub jwt_scopes_claim: Option<String>,
 }
 
 impl Default for Settings {
@@ -73,6 +76,7 @@ impl Default for Settings {
             max_pull_bytes: default("max_pull_bytes"),
             max_clock_skew_ms: default("max_clock_skew"),
             jwt_tenant_claim: None,
+            jwt_scopes_claim: None,
         }
     }
 }
@@ -99,6 +103,7 @@ impl Settings {
             "max_pull_bytes" => self.max_pull_bytes = number()?,
             "max_clock_skew" => self.max_clock_skew_ms = number()?,
             "jwt_tenant_claim" => self.jwt_tenant_claim = Some(value).filter(|claim| !claim.is_empty()),
+            "jwt_scopes_claim" => self.jwt_scopes_claim = Some(value).filter(|claim| !claim.is_empty()),
             _ => {}
         }
         Ok(())

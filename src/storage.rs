@@ -7,6 +7,7 @@ use pgrx::datum::DatumWithOid;
 use pgrx::spi::SpiClient;
 use serde_json::{Map, Value};
 use sync_ext_protocol::batch::{Appended, BatchOutcome, TouchedRow};
+use sync_ext_protocol::scope::Instances;
 use sync_ext_protocol::{Change, Hlc, LoggedOp, RowKey, RowState, Stamp, StoredRow};
 
 use crate::errors::{SyncError, SyncResult};
@@ -142,19 +143,26 @@ pub fn logged_ops(client: &SpiClient<'_>, tenant: &str, changes: &[Change]) -> S
     Ok(logged)
 }
 
-/// The merge states of the rows the batch touches, read in one statement.
-pub fn load_rows(client: &SpiClient<'_>, tenant: &str, changes: &[Change]) -> SyncResult<HashMap<RowKey, RowState>> {
+/// The rows a batch touches, read in one statement: their merge states, and the scope instances of
+/// those of scoped models.
+pub struct LoadedRows {
+    pub states: HashMap<RowKey, RowState>,
+    pub instances: HashMap<RowKey, Instances>,
+}
+
+/// The merge states (and scope instances) of the rows the batch touches, read in one statement.
+pub fn load_rows(client: &SpiClient<'_>, tenant: &str, changes: &[Change]) -> SyncResult<LoadedRows> {
     let models: Vec<&str> = changes.iter().map(|change| change.model.as_str()).collect();
     let pks: Vec<&str> = changes.iter().map(|change| change.pk.as_str()).collect();
     let table = plans::select(client, 
-        "SELECT s.model, s.id, s.value, s.hlc, s.actor, s.op_id, s.deleted, s.deleted_hlc, s.field_stamps
+        "SELECT s.model, s.id, s.value, s.hlc, s.actor, s.op_id, s.deleted, s.deleted_hlc, s.field_stamps, s.instances
            FROM (SELECT DISTINCT model, id FROM unnest($2::text[], $3::text[]) AS k(model, id)) AS k
            CROSS JOIN LATERAL (SELECT * FROM sync_ext.snapshots
                                 WHERE tenant_id = $1 AND model = k.model AND id = k.id LIMIT 1) AS s",
         None,
         &[tenant.into(), models.into(), pks.into()],
     )?;
-    let mut rows = HashMap::new();
+    let mut rows = LoadedRows { states: HashMap::new(), instances: HashMap::new() };
     for row in table {
         let model: String = row.get(1)?.unwrap_or_default();
         let id: String = row.get(2)?.unwrap_or_default();
@@ -176,7 +184,10 @@ pub fn load_rows(client: &SpiClient<'_>, tenant: &str, changes: &[Change]) -> Sy
             field_stamps: object_column(row.get::<JsonbDatum>(9)?).map_err(|problem| corrupt(format!("field_stamps: {problem}")))?,
         };
         let state = stored.into_state().map_err(corrupt)?;
-        rows.insert((model, id), state);
+        if let Some(instances) = row.get::<Vec<String>>(10)? {
+            rows.instances.insert((model.clone(), id.clone()), instances.into_iter().collect());
+        }
+        rows.states.insert((model, id), state);
     }
     Ok(rows)
 }
@@ -195,7 +206,7 @@ fn object_column(datum: Option<JsonbDatum>) -> Result<Map<String, Value>, String
 ///
 /// Every changed row's new state belongs to the last change that altered it, so both travel in one
 /// array row; a state whose value is exactly what that change logged is sent once.
-pub fn write_batch(client: &mut SpiClient<'_>, tenant: &str, changes: &[Change], outcome: &BatchOutcome, last_hlc: Option<Hlc>, digest: u64, route: Route) -> SyncResult<()> {
+pub fn write_batch(client: &mut SpiClient<'_>, tenant: &str, changes: &[Change], outcome: &BatchOutcome, digests: &Digests, route: Route) -> SyncResult<()> {
     let final_states: HashMap<i64, &TouchedRow> = outcome.rows.values().map(|touched| (touched.seq, touched)).collect();
     let count = outcome.appended.len();
     let mut log = LogColumns::with_capacity(count);
@@ -206,7 +217,9 @@ pub fn write_batch(client: &mut SpiClient<'_>, tenant: &str, changes: &[Change],
     }
     let LogColumns { seqs, op_ids, models, pks, ops, actors, hlcs, payloads, hashes } = log;
     let RowColumns { saved, values, hlcs: row_hlcs, actors: row_actors, op_ids: row_op_ids, deleted, deleted_hlcs, field_stamps } = rows;
-    let args: [DatumWithOid; 22] = [
+    let index = IndexColumns::of(outcome);
+    let (digest_instances, digest_deltas): (Vec<&str>, Vec<i64>) = digests.instances.iter().map(|(instance, delta)| (instance.as_str(), *delta as i64)).unzip();
+    let args: [DatumWithOid; 28] = [
         tenant.into(),
         seqs.into(),
         op_ids.into(),
@@ -226,9 +239,16 @@ pub fn write_batch(client: &mut SpiClient<'_>, tenant: &str, changes: &[Change],
         deleted_hlcs.into(),
         field_stamps.into(),
         outcome.last_seq.into(),
-        last_hlc.map(|hlc| hlc.to_string()).into(),
-        (digest as i64).into(),
+        digests.last_hlc.map(|hlc| hlc.to_string()).into(),
+        // The digest travels as the bits of a u64 in a bigint.
+        (digests.tenant as i64).into(),
         route.notifies_itself().into(),
+        index.seqs.into(),
+        index.instances.into(),
+        index.before.into(),
+        index.after.into(),
+        digest_instances.into(),
+        digest_deltas.into(),
     ];
     if crate::citus::routed() {
         for statement in &WRITE_BATCH.each {
@@ -255,27 +275,83 @@ static WRITE_BATCH: std::sync::LazyLock<WriteBatch> = std::sync::LazyLock::new(|
                          $17::text[], $18::jsonb[])
         AS b(seq, op_id, model, pk, op, actor, hlc, payload, payload_hash,
              saved, row_value, row_hlc, row_actor, row_op_id, row_deleted, row_deleted_hlc, row_field_stamps))";
+    let scoped = "scoped AS (SELECT * FROM unnest($23::bigint[], $24::text[], $25::bool[], $26::bool[]) AS e(seq, instance, before, after))";
+    // A saved row's instances are those its last change left it in (the seq is that change's).
+    let row_instances = "row_instances AS (
+    SELECT seq, array_agg(instance ORDER BY instance COLLATE \"C\") AS instances FROM scoped
+     WHERE after AND instance <> '' GROUP BY seq)";
     let logged = "INSERT INTO sync_ext.op_log (tenant_id, seq, op_id, model, pk, op, actor, hlc, updated_at, payload, payload_hash)
     SELECT $1, seq, op_id, model, pk, op, actor, hlc, left(hlc, 23)::timestamp AT TIME ZONE 'UTC', payload, payload_hash
       FROM batch";
-    let saved = "INSERT INTO sync_ext.snapshots AS s (tenant_id, model, id, value, hlc, actor, op_id, deleted, deleted_hlc, field_stamps, seq)
+    let saved = "INSERT INTO sync_ext.snapshots AS s (tenant_id, model, id, value, hlc, actor, op_id, deleted, deleted_hlc, field_stamps, seq, instances)
     SELECT $1, model, pk, coalesce(row_value, payload), row_hlc, row_actor, row_op_id, row_deleted, row_deleted_hlc,
-           coalesce(row_field_stamps, '{}'), seq
-      FROM batch WHERE saved
+           coalesce(row_field_stamps, '{}'), b.seq, r.instances
+      FROM batch AS b LEFT JOIN row_instances AS r ON r.seq = b.seq WHERE saved
         ON CONFLICT (tenant_id, model, id) DO UPDATE SET
            value = excluded.value, hlc = excluded.hlc, actor = excluded.actor, op_id = excluded.op_id,
            deleted = excluded.deleted, deleted_hlc = excluded.deleted_hlc, field_stamps = excluded.field_stamps,
-           seq = excluded.seq";
+           seq = excluded.seq, instances = excluded.instances";
+    let indexed = "INSERT INTO sync_ext.scope_log (tenant_id, instance, seq, before, after)
+    SELECT $1, instance, seq, before, after FROM scoped";
+    // Digests are sums modulo 2^64 held as the bits of a bigint: the deltas are added the same way.
+    let digested = "INSERT INTO sync_ext.scope_digests AS d (tenant_id, instance, digest)
+    SELECT $1, instance, delta FROM unnest($27::text[], $28::bigint[]) AS x(instance, delta)
+        ON CONFLICT (tenant_id, instance) DO UPDATE SET
+           digest = ((d.digest::numeric + excluded.digest::numeric + 27670116110564327424) % 18446744073709551616
+                     - 9223372036854775808)::bigint";
     let advanced = "UPDATE sync_ext.tenants SET last_seq = $19, last_hlc = $20, last_push_at = now(), digest = $21, applying_push = false
      WHERE tenant_id = $1";
     let woken = "INSERT INTO sync_ext.wakeups (tenant_id) SELECT $1 WHERE NOT $22";
     let notified = "SELECT pg_notify('sync_ext', $1) WHERE $22";
     WriteBatch {
-        combined: format!("WITH {batch},\nlogged AS ({logged}),\nsaved AS ({saved}),\nadvanced AS ({advanced}),\nwoken AS ({woken})\n{notified}"),
+        combined: format!(
+            "WITH {batch},\n{scoped},\n{row_instances},\nlogged AS ({logged}),\nsaved AS ({saved}),\nindexed AS ({indexed}),\n\
+             digested AS ({digested}),\nadvanced AS ({advanced}),\nwoken AS ({woken})\n{notified}"
+        ),
         // A push on a distributed install never notifies itself (see `crate::citus`).
-        each: vec![format!("WITH {batch} {logged}"), format!("WITH {batch} {saved}"), advanced.to_owned(), woken.to_owned()],
+        each: vec![
+            format!("WITH {batch} {logged}"),
+            format!("WITH {batch}, {scoped}, {row_instances} {saved}"),
+            format!("WITH {scoped} {indexed}"),
+            digested.to_owned(),
+            advanced.to_owned(),
+            woken.to_owned(),
+        ],
     }
 });
+
+/// What a batch moves besides the log and the rows: the tenant's greatest hlc and digest, and the
+/// digest of each scope instance it touched (by how much each moved).
+pub struct Digests {
+    pub last_hlc: Option<Hlc>,
+    pub tenant: u64,
+    pub instances: std::collections::BTreeMap<String, u64>,
+}
+
+/// The scope index entries of a batch, as arrays: one per appended change and instance its row was in
+/// before or after it.
+#[derive(Default)]
+struct IndexColumns<'a> {
+    seqs: Vec<i64>,
+    instances: Vec<&'a str>,
+    before: Vec<bool>,
+    after: Vec<bool>,
+}
+
+impl<'a> IndexColumns<'a> {
+    fn of(outcome: &'a BatchOutcome) -> Self {
+        let mut columns = IndexColumns::default();
+        for entry in &outcome.appended {
+            for instance in entry.before.union(&entry.after) {
+                columns.seqs.push(entry.seq);
+                columns.instances.push(instance);
+                columns.before.push(entry.before.contains(instance));
+                columns.after.push(entry.after.contains(instance));
+            }
+        }
+        columns
+    }
+}
 
 /// The op log columns of a batch, as arrays.
 struct LogColumns<'a> {

@@ -70,3 +70,12 @@ pub fn snapshot(tenant: &str, pk: &str) -> (Value, bool) {
     .unwrap();
     (value.expect("snapshot row exists").0, deleted.unwrap())
 }
+
+/// Calls `sync_pull` with `scopes` through SQL.
+pub fn pull_scoped(tenant: &str, since: i64, max_changes: i32, scopes: &[&str]) -> Value {
+    let scopes: Vec<String> = scopes.iter().map(|instance| instance.to_string()).collect();
+    Spi::get_one_with_args::<JsonB>("SELECT sync_pull($1, $2, $3, $4)", &[tenant.into(), since.into(), max_changes.into(), scopes.into()])
+        .expect("sync_pull succeeds")
+        .expect("sync_pull returns a body")
+        .0
+}

@@ -109,7 +109,7 @@ pub fn merge_batch(changes: &[Change], context: BatchContext<'_>) -> BatchOutcom
                 let key = (change.model.clone(), change.pk.clone());
                 let row = rows.entry(key.clone()).or_default();
                 let existed = row.existence.is_some();
-                let before = membership(scopes, &key, row, instances.get(&key));
+                let before = scopes.membership(&key.0, row, instances.get(&key));
                 // A writer held to some instances merges into a copy, kept only if the row stays within them.
                 let mut copy = writable.as_ref().map(|_| row.clone());
                 let won = match copy.as_mut() {
@@ -145,19 +145,6 @@ pub fn merge_batch(changes: &[Change], context: BatchContext<'_>) -> BatchOutcom
     }
     outcome.last_seq = last_seq;
     outcome
-}
-
-/// The instances a row is in as stored: those of its model's definitions (kept as they were when it
-/// was deleted), or the tenant-wide instance.
-fn membership(scopes: &Scopes, key: &RowKey, row: &RowState, stored: Option<&Instances>) -> Instances {
-    if !scopes.is_scoped(&key.0) {
-        return scopes.instances(&key.0, &Map::new());
-    }
-    match stored {
-        Some(stored) => stored.clone(),
-        None if row.is_deleted() => Instances::new(),
-        None => scopes.instances(&key.0, &row.field_values()),
-    }
 }
 
 /// Merges changes, in the order given, into rows that start unwritten.

@@ -15,6 +15,8 @@ use std::collections::{BTreeSet, HashMap};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+use crate::merge::RowState;
+
 /// The instance under which the server indexes the rows of tenant-wide models.
 pub const TENANT_WIDE: &str = "";
 
@@ -54,6 +56,26 @@ impl Scopes {
     /// Whether `model` has definitions (is not tenant-wide).
     pub fn is_scoped(&self, model: &str) -> bool {
         self.by_model.contains_key(model)
+    }
+
+    /// The instances a row is in, given those stored for it: the stored ones for a scoped model (a
+    /// deleted row keeps those it had; a row stored without any, those of its fields), the tenant-wide
+    /// instance otherwise.
+    pub fn membership(&self, model: &str, row: &RowState, stored: Option<&Instances>) -> Instances {
+        if !self.is_scoped(model) {
+            return self.instances(model, &Map::new());
+        }
+        match stored {
+            Some(stored) => stored.clone(),
+            None if row.is_deleted() => Instances::new(),
+            None => self.instances(model, &row.field_values()),
+        }
+    }
+
+    /// Whether `instance` belongs to a scope defined for `model`.
+    pub fn defines(&self, model: &str, instance: &str) -> bool {
+        let scope = instance.split_once(':').map_or(instance, |(scope, _)| scope);
+        self.by_model.get(model).is_some_and(|definitions| definitions.iter().any(|(defined, _)| defined == scope))
     }
 
     /// The instances a visible row of `model` with fields `value` is in: [`TENANT_WIDE`] alone for a
