@@ -288,7 +288,7 @@ impl Breaches {
 // ---------------------------------------------------------------------------------------------------
 
 /// The extension's functions an ordinary role may execute, as schema.name.
-const PUBLIC_API: [&str; 9] = [
+const PUBLIC_API: [&str; 10] = [
     "public.sync_compact",
     "public.sync_from_portable",
     "public.sync_pull",
@@ -296,6 +296,7 @@ const PUBLIC_API: [&str; 9] = [
     "public.sync_push",
     "public.sync_push_msgpack",
     "public.sync_row_to_portable",
+    "public.sync_scopes",
     "public.sync_to_portable",
     "sync_ext.may_access",
 ];
