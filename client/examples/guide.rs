@@ -79,6 +79,17 @@ async fn guide(url: &str, direct_url: &str) -> Result<()> {
         }
     }
 
+    let phone = SyncClient::builder()
+        .tenant("acme")
+        .actor("phone")
+        .scopes(["project:1", "owner:ann"]) // the instances its user belongs to
+        .local(LocalStore::sqlite(std::env::temp_dir().join("sync_ext_guide_phone.db"))?)
+        .remote(PgRemote::new(url))
+        .build()?;
+    phone.subscribe(["project:2"]).await?; // bootstraps project 2's rows, then syncs
+    phone.unsubscribe(["project:1"]).await?; // drops the rows only project 1 held
+    println!("holding {:?}", phone.scopes()?);
+
     let mut status = client.status();
     let mut changes = client.changes();
     let client = Arc::new(client);

@@ -10,6 +10,9 @@
 //! under typed keys (composite ones formatted as the server formats a bound table's pk), with indexed
 //! local [`Query`]s; [`SyncClient::transaction`] commits several writes at once.
 //!
+//! A replica can hold part of a tenant, the rows of some scope instances (partial sync):
+//! [`SyncClientBuilder::scopes`], [`SyncClient::subscribe`] and [`SyncClient::unsubscribe`].
+//!
 //! ```no_run
 //! use serde::{Deserialize, Serialize};
 //! use sync_ext_client::{LocalStore, PgRemote, SyncClient};

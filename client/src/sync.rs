@@ -100,7 +100,13 @@ impl<R: Remote> SyncClient<R> {
     /// the primary ([`Remote::pull_primary`]), with the outbox untouched and its changes kept on top
     /// of the fresh rows, and [`SyncReport::repaired`] is set. The repaired rows are checked once more
     /// against the digest of the reset; if they still differ the sync fails with
-    /// [`Error::DigestMismatch`] (the next sync checks, and repairs, again).
+    /// [`Error::DigestMismatch`] (the next sync checks, and repairs, again). A replica with scopes
+    /// checks each instance it pulls, and the tenant-wide rows, against the digest the server sent for
+    /// it (which rows are in an instance follows [`Remote::scope_definitions`]); its repair is a reset of
+    /// its instances.
+    ///
+    /// With scopes, the sync first drops the rows an unsubscribe left to drop and bootstraps the
+    /// instances a subscription added (see [`SyncClient::subscribe`], [`SyncClient::unsubscribe`]).
     ///
     /// Cost: the check reads and decodes every row of the local store, O(rows), inside one local
     /// transaction (local writes wait for it), and a repair pulls every row of the tenant. The check is
