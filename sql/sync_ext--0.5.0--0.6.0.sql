@@ -69,7 +69,8 @@ SELECT sync_ext.alter_sync_table('sync_ext.scopes', $ddl$CREATE TRIGGER access_c
 SELECT sync_ext.alter_sync_table('sync_ext.scope_grants', $ddl$CREATE TRIGGER access_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON %1$s
     FOR EACH STATEMENT EXECUTE FUNCTION sync_ext.access_changed()$ddl$);
 
--- Functions of 0.6.0 implemented in Rust. sync_pull and sync_pull_msgpack gain `scopes`.
+-- Functions of 0.6.0 implemented in Rust. sync_pull and sync_pull_msgpack gain `scopes` (and new entry
+-- points: the old ones serve the three-argument objects of older versions until this update).
 DROP FUNCTION IF EXISTS sync_pull(text, bigint, integer);
 DROP FUNCTION IF EXISTS sync_pull_msgpack(text, bigint, integer);
 CREATE OR REPLACE FUNCTION "sync_pull"(
@@ -77,13 +78,13 @@ CREATE OR REPLACE FUNCTION "sync_pull"(
 	"since" bigint,
 	"max_changes" INT DEFAULT 1000,
 	"scopes" TEXT[] DEFAULT NULL
-) RETURNS jsonb STABLE PARALLEL SAFE LANGUAGE c AS 'MODULE_PATHNAME', 'sync_pull_wrapper';
+) RETURNS jsonb STABLE PARALLEL SAFE LANGUAGE c AS 'MODULE_PATHNAME', 'sync_pull_scoped_wrapper';
 CREATE OR REPLACE FUNCTION "sync_pull_msgpack"(
 	"tenant" TEXT,
 	"since" bigint,
 	"max_changes" INT DEFAULT 1000,
 	"scopes" TEXT[] DEFAULT NULL
-) RETURNS bytea STABLE PARALLEL SAFE LANGUAGE c AS 'MODULE_PATHNAME', 'sync_pull_msgpack_wrapper';
+) RETURNS bytea STABLE PARALLEL SAFE LANGUAGE c AS 'MODULE_PATHNAME', 'sync_pull_msgpack_scoped_wrapper';
 CREATE OR REPLACE FUNCTION "sync_define_scope"(
 	"scope" TEXT,
 	"model" TEXT,

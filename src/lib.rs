@@ -39,7 +39,7 @@ pgrx::extension_sql_file!("../sql/bootstrap.sql", name = "bootstrap", bootstrap)
 pgrx::extension_sql_file!(
     "../sql/sync_ext--0.1.0--0.2.0.sql",
     name = "upgrade_0_2_0",
-    requires = [compact::sync_compact, push::sync_push_msgpack, pull::sync_pull_msgpack]
+    requires = [compact::sync_compact, push::sync_push_msgpack, pull::sync_pull_msgpack_scoped]
 );
 pgrx::extension_sql_file!(
     "../sql/sync_ext--0.2.0--0.3.0.sql",

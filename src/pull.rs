@@ -170,8 +170,8 @@ pub const MAX_PULL_SCOPES: usize = 1000;
 ///
 /// With `scopes`, the page holds only tenant-wide models and the rows of the listed instances (see the
 /// module docs); `NULL` is the whole tenant.
-#[pg_extern(stable, parallel_safe)]
-fn sync_pull(
+#[pg_extern(stable, parallel_safe, name = "sync_pull")]
+fn sync_pull_scoped(
     tenant: &str,
     since: i64,
     max_changes: default!(i32, 1000),
@@ -181,13 +181,31 @@ fn sync_pull(
 }
 
 /// `sync_pull` with the body encoded as MessagePack (named fields).
-#[pg_extern(stable, parallel_safe)]
-fn sync_pull_msgpack(
+#[pg_extern(stable, parallel_safe, name = "sync_pull_msgpack")]
+fn sync_pull_msgpack_scoped(
     tenant: &str,
     since: i64,
     max_changes: default!(i32, 1000),
     scopes: default!(Option<Vec<String>>, "NULL"),
 ) -> Result<Vec<u8>, ErrorReport> {
+    pull_msgpack(tenant, since, max_changes, scopes)
+}
+
+/// The entry points of `sync_pull` and `sync_pull_msgpack` before 0.6.0 (three arguments), which their
+/// SQL objects call until `ALTER EXTENSION sync_ext UPDATE` replaces them: they answer as the current
+/// functions do, which is to say they ask for the update.
+#[pg_extern(sql = false)]
+fn sync_pull(tenant: &str, since: i64, max_changes: i32) -> Result<JsonbDatum, ErrorReport> {
+    sync_pull_scoped(tenant, since, max_changes, None)
+}
+
+/// See [`sync_pull`].
+#[pg_extern(sql = false)]
+fn sync_pull_msgpack(tenant: &str, since: i64, max_changes: i32) -> Result<Vec<u8>, ErrorReport> {
+    pull_msgpack(tenant, since, max_changes, None)
+}
+
+fn pull_msgpack(tenant: &str, since: i64, max_changes: i32, scopes: Option<Vec<String>>) -> Result<Vec<u8>, ErrorReport> {
     Ok(pull_page(tenant, since, max_changes, scopes, |page| {
         let mut writer = Writer::default();
         let members = page.members();

@@ -174,6 +174,11 @@ fn upgrading_from_0_4_0_keeps_data_and_behaviour() {
     upgrade_keeps_data_and_behaviour("0.4.0");
 }
 
+#[test]
+fn upgrading_from_0_5_0_keeps_data_and_behaviour() {
+    upgrade_keeps_data_and_behaviour("0.5.0");
+}
+
 /// A bound table and a tenant's sync state as versions 0.1.0 to 0.4.0 left them: two rows inserted by
 /// plain SQL and one of them updated (seqs 1 to 3).
 const OLD_VERSION_DATA: &str = r#"
