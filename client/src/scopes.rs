@@ -226,10 +226,10 @@ impl<R: Remote> SyncClient<R> {
 
     /// Unsubscribes from scope instances: pulls stop bringing their rows at once, and the rows that no
     /// remaining instance holds are dropped (their confirmed state; the outbox is untouched, so a row
-    /// with unsent changes shows only them). Rows of tenant-wide models stay. Which instances a row
+    /// with unsent changes shows only them until they are sent). Rows of tenant-wide models stay. Which instances a row
     /// is in follows the server's scope definitions ([`Remote::scope_definitions`]): if they cannot be
     /// fetched, the error is returned and the next sync drops the rows. A change event with origin
-    /// [`Origin::Unsubscribed`] lists them. Waits for a sync under way. [`Error::Config`] for a
+    /// [`Origin::OutOfScope`] lists them. Waits for a sync under way. [`Error::Config`] for a
     /// replica that holds the whole tenant; [`Error::InvalidChange`] for a malformed instance.
     pub async fn unsubscribe(&self, instances: impl IntoIterator<Item = impl Into<String>>) -> Result<()> {
         let instances = validated(instances)?;
@@ -270,7 +270,24 @@ impl<R: Remote> SyncClient<R> {
             state.write(t)?;
             Ok(outside)
         })?;
-        self.emit(Origin::Unsubscribed, dropped, false);
+        self.emit(Origin::OutOfScope, dropped, false);
+        Ok(())
+    }
+
+    /// Forgets the rows that hold only changes already sent, after a pull of the replica's scopes that
+    /// went past them did not bring them back: rows written outside its instances, or that left them
+    /// while the app's changes to them waited.
+    pub(crate) fn forget_sent_outside(&self) -> Result<()> {
+        let forgotten = self.in_place(|t| {
+            let unsent = unsent_changes(t)?;
+            let outside: Vec<(String, String)> =
+                t.unconfirmed()?.into_iter().filter(|(model, pk)| !unsent.iter().any(|change| change.model == *model && change.pk == *pk)).collect();
+            for (model, pk) in &outside {
+                t.delete_row(model, pk)?;
+            }
+            Ok(outside)
+        })?;
+        self.emit(Origin::OutOfScope, forgotten, false);
         Ok(())
     }
 

@@ -106,9 +106,10 @@ pub enum Origin {
     Restore,
     /// Everything local was cleared ([`crate::SyncClient::clear`]).
     Clear,
-    /// The replica let go of rows outside its scopes ([`crate::SyncClient::unsubscribe`], or a store
-    /// opened with fewer scopes than it held): the app sees only their unsent changes, if any.
-    Unsubscribed,
+    /// The replica let go of rows outside its scopes: after an unsubscribe ([`crate::SyncClient::unsubscribe`],
+    /// or a store opened with fewer scopes than it held; the app sees only their unsent changes, if
+    /// any), or once the changes it made to such rows were sent.
+    OutOfScope,
 }
 
 /// Rows that changed in one local transaction, sent after it commits.

@@ -60,6 +60,8 @@ pub trait Transaction {
     fn put_row(&mut self, model: &str, pk: &str, row: &LocalRow) -> Result<()>;
     /// Forgets a row.
     fn delete_row(&mut self, model: &str, pk: &str) -> Result<()>;
+    /// The rows of which the server confirmed nothing (only local changes, or none), as (model, pk).
+    fn unconfirmed(&mut self) -> Result<Vec<(String, String)>>;
     /// Forgets every row (a reset reloads them).
     fn clear_rows(&mut self) -> Result<()>;
     /// Every row of a model, by pk.
@@ -256,6 +258,12 @@ impl Transaction for SqliteTransaction<'_> {
         Ok(())
     }
 
+    fn unconfirmed(&mut self) -> Result<Vec<(String, String)>> {
+        let mut statement = self.0.prepare_cached("SELECT model, pk FROM rows WHERE json_extract(state, '$.confirmed') IS NULL")?;
+        let rows = statement.query_map([], |row| Ok((row.get::<_, String>(0)?, row.get::<_, String>(1)?)))?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
     fn clear_rows(&mut self) -> Result<()> {
         self.0.execute("DELETE FROM rows", [])?;
         Ok(())
@@ -386,6 +394,10 @@ impl Transaction for MemoryState {
     fn delete_row(&mut self, model: &str, pk: &str) -> Result<()> {
         self.rows.remove(&(model.to_owned(), pk.to_owned()));
         Ok(())
+    }
+
+    fn unconfirmed(&mut self) -> Result<Vec<(String, String)>> {
+        Ok(self.rows.iter().filter(|(_, row)| row.confirmed.existence.is_none()).map(|(key, _)| key.clone()).collect())
     }
 
     fn clear_rows(&mut self) -> Result<()> {

@@ -146,7 +146,7 @@ impl<R: Remote> SyncClient<R> {
         if skewed || offset != 0 {
             self.align_clock(skewed).await?;
         }
-        self.push_outbox(&mut report).await?;
+        let pushed_up_to = self.push_outbox(&mut report).await?;
         if self.in_place(|t| t.meta(META_CLOCK_SKEWED))?.is_some() {
             self.align_clock(true).await?;
         }
@@ -155,34 +155,43 @@ impl<R: Remote> SyncClient<R> {
         let (cursor, scopes) = self.in_place(|t| Ok((read_cursor(t)?, pulled_scopes(t)?)))?;
         let mut pulled = self.pull_pages(cursor, Stream::Main, scopes.as_deref(), &mut report).await?;
         pulled.changed |= joined;
+        if scopes.is_some() && report.cursor >= pushed_up_to {
+            self.forget_sent_outside()?;
+        }
         self.check_digest(pulled, scopes.as_deref(), &mut report).await?;
         Ok(report)
     }
 
 
-    async fn push_outbox(&self, report: &mut SyncReport) -> Result<()> {
+    /// Pushes the outbox; returns the greatest cursor the server answered (0 when nothing was pushed),
+    /// which a pull must reach to bring back what was pushed.
+    async fn push_outbox(&self, report: &mut SyncReport) -> Result<i64> {
         let total = self.status.borrow().pending;
         let mut sent = 0;
+        let mut pushed_up_to = 0;
         loop {
             self.status.send_modify(|status| status.activity = Activity::Uploading { sent, total: total.max(sent) });
             let server_max = self.limits().map_or(usize::MAX, |limits| usize::try_from(limits.max_push_changes).unwrap_or(1));
             let batch: Vec<Change> = self.in_place(|t| t.outbox(self.push_batch.min(server_max).max(1)))?.into_iter().map(|pending| pending.change).collect();
             if batch.is_empty() {
-                return Ok(());
+                return Ok(pushed_up_to);
             }
-            self.push_batch(&batch, report).await?;
+            pushed_up_to = pushed_up_to.max(self.push_batch(&batch, report).await?);
             sent += batch.len();
         }
     }
 
-    /// Pushes one batch and settles its results. A batch the server refuses as a whole as invalid input
-    /// is split in halves, in order, until the change responsible is alone; that change is rejected.
-    async fn push_batch(&self, batch: &[Change], report: &mut SyncReport) -> Result<()> {
+    /// Pushes one batch and settles its results; returns the greatest cursor the server answered. A
+    /// batch the server refuses as a whole as invalid input is split in halves, in order, until the
+    /// change responsible is alone; that change is rejected.
+    async fn push_batch(&self, batch: &[Change], report: &mut SyncReport) -> Result<i64> {
         let mut parts = vec![batch];
+        let mut pushed_up_to = 0;
         while let Some(part) = parts.pop() {
             match self.remote.push(&self.tenant, part).await {
                 Ok(response) => {
                     self.reached_server();
+                    pushed_up_to = pushed_up_to.max(response.cursor);
                     if response.results.len() != part.len() {
                         return Err(Error::Protocol(format!("push response: {} results for {} changes", response.results.len(), part.len())));
                     }
@@ -208,7 +217,7 @@ impl<R: Remote> SyncClient<R> {
                 }
             }
         }
-        Ok(())
+        Ok(pushed_up_to)
     }
 
     /// Settles pushed changes in one local transaction: each leaves the outbox; a rejected one is

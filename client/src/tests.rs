@@ -694,6 +694,8 @@ struct Script {
     definitions_asked: usize,
     /// The definitions cannot be fetched.
     offline: bool,
+    /// The cursor pushes answer.
+    push_cursor: i64,
 }
 
 impl Scripted {
@@ -717,7 +719,8 @@ impl Scripted {
 impl Remote for Scripted {
     fn push<'a>(&'a self, _tenant: &'a str, changes: &'a [Change]) -> RemoteFuture<'a, PushResponse> {
         let results = changes.iter().zip(1000..).map(|(change, seq)| ChangeResult { op_id: change.op_id, status: Status::Applied { seq } }).collect();
-        Box::pin(async move { Ok(PushResponse { cursor: 0, results, limits: None }) })
+        let cursor = self.0.lock().unwrap().push_cursor;
+        Box::pin(async move { Ok(PushResponse { cursor, results, limits: None }) })
     }
 
     fn pull<'a>(&'a self, _tenant: &'a str, since: i64, _max_changes: i32, scopes: Option<&'a [String]>) -> RemoteFuture<'a, PullResponse> {
@@ -873,7 +876,7 @@ async fn unsubscribe_drops_the_rows_no_remaining_instance_holds_and_never_the_ou
     assert_eq!(listed(&device, "task").keys().collect::<Vec<_>>(), ["t1", "t2", "t3"], "t2 is in project:2, t3 in owner:ann");
     assert_eq!(listed(&device, "label").len(), 1, "a tenant-wide row stays");
     assert_eq!(device.pending().unwrap(), 1);
-    assert_eq!(events.try_recv().unwrap(), RowsChanged { origin: Origin::Unsubscribed, rows: vec![("task".into(), "t1".into())], all: false });
+    assert_eq!(events.try_recv().unwrap(), RowsChanged { origin: Origin::OutOfScope, rows: vec![("task".into(), "t1".into())], all: false });
     assert_eq!(remote.0.lock().unwrap().definitions_asked, 2);
 
     // Offline again: the next sync drops the rows before it pulls, with the remaining scopes.
@@ -881,10 +884,34 @@ async fn unsubscribe_drops_the_rows_no_remaining_instance_holds_and_never_the_ou
     assert!(device.unsubscribe(["owner:ann"]).await.is_err());
     remote.set_offline(false);
     device.sync().await.unwrap();
-    assert_eq!(listed(&device, "task").keys().collect::<Vec<_>>(), ["t1", "t2"], "t3 dropped by the sync; t1's change was pushed");
+    assert_eq!(listed(&device, "task").keys().collect::<Vec<_>>(), ["t2"], "t3 dropped by the sync; t1 let go once its change was sent");
+    assert_eq!(device.pending().unwrap(), 0);
     assert_eq!(remote.pulls().last().unwrap(), &(4, strings(&["project:2"])));
     device.sync().await.unwrap();
     assert_eq!(remote.0.lock().unwrap().definitions_asked, 4, "dropped once: the next sync asks for no definitions");
+}
+
+#[tokio::test]
+async fn a_row_written_outside_the_scopes_is_let_go_once_a_pull_went_past_its_change() {
+    let remote = Scripted::default();
+    let device = scoped(LocalStore::memory(), &remote, &["project:1"]);
+    remote.serve([workspace()]);
+    device.sync().await.unwrap();
+    device.insert("task", "t8", &json!({"project_id": 1})).unwrap();
+    device.insert("task", "t9", &json!({"project_id": 3})).unwrap();
+    remote.0.lock().unwrap().push_cursor = 9;
+    device.sync().await.unwrap();
+    assert_eq!(device.pending().unwrap(), 0);
+    assert!(listed(&device, "task").contains_key("t9"), "the pull stopped at 4, before the push's 9: kept");
+
+    let mut events = device.changes();
+    let t8 = pulled(8, Op::Insert, "task", "t8", Some(json!({"project_id": 1})));
+    remote.serve([page(vec![t8], 9, false, false)]);
+    device.sync().await.unwrap();
+    let tasks = listed(&device, "task");
+    assert!(tasks.contains_key("t8") && !tasks.contains_key("t9"), "t8 came back, t9 (project 3) did not: {tasks:?}");
+    let origins: Vec<(Origin, Vec<(String, String)>)> = std::iter::from_fn(|| events.try_recv().ok()).map(|event| (event.origin, event.rows)).collect();
+    assert_eq!(origins, [(Origin::Pull, vec![("task".into(), "t8".into())]), (Origin::OutOfScope, vec![("task".into(), "t9".into())])]);
 }
 
 #[tokio::test]
