@@ -61,7 +61,7 @@ pub fn push(tenant: &str, body: &Body, read: impl FnOnce() -> SyncResult<Value>)
             let models = Model::load_named(client, &names.into_iter().collect::<Vec<_>>())?;
             if !models.is_empty() {
                 let skew = settings.max_clock_skew_ms;
-                return Ok(FirstPass::Bound(Bound { changes, refused, skew, models, limits, placement: placement.clone(), writable }));
+                return Ok(FirstPass::Bound(Box::new(Bound { changes, refused, skew, models, limits, placement: placement.clone(), writable })));
             }
             let state = storage::lock_tenant(client, tenant, Lock::Counters)?;
             let outcome = store_batch(client, tenant, &state, &changes, refused, settings.max_clock_skew_ms, writable.as_ref())?;
@@ -69,7 +69,7 @@ pub fn push(tenant: &str, body: &Body, read: impl FnOnce() -> SyncResult<Value>)
         }))
     })? {
         FirstPass::Done(response) => return Ok(response),
-        FirstPass::Bound(bound) => bound,
+        FirstPass::Bound(bound) => *bound,
     };
     for (index, change) in changes.iter().enumerate() {
         if models.get(&change.model).is_some_and(Model::is_read_only) {
@@ -104,7 +104,7 @@ pub fn push(tenant: &str, body: &Body, read: impl FnOnce() -> SyncResult<Value>)
 /// with the caller's rights.
 enum FirstPass {
     Done(PushResponse),
-    Bound(Bound),
+    Bound(Box<Bound>),
 }
 
 /// A batch of bound models after the engine's first pass.
