@@ -1,7 +1,17 @@
-//! Partial sync: the scope instances a replica holds, subscribing to more (a bootstrap of the new
-//! instances alone, then one cursor over all of them) and unsubscribing (dropping the rows no
-//! remaining instance holds). Each step is kept in the store with the rows it changed, so that a
-//! crash resumes it.
+//! Partial sync: the scope instances a replica holds, subscribing to more and unsubscribing (dropping
+//! the rows no remaining instance holds). Each step is kept in the store with the rows it changed, so
+//! that a crash resumes it.
+//!
+//! Subscribing to instances N while holding L, with the main cursor at c, goes in two stages, leaves
+//! ignored in both (the main stream tells them again):
+//! 1. the bootstrap: a reset of N alone (its rows replace the replica's, nothing is forgotten), ending
+//!    at some seq e;
+//! 2. the catch-up: L alone from c, until nothing more follows. A row that moved from N to L after c is
+//!    not in the bootstrap (it left N) and, pulled with L and N together, its move would be an ordinary
+//!    change of a row the replica never held; pulled with L alone, it is a move-in: the whole row.
+//!
+//! Then one cursor, min(c, e), goes on over L and N: re-reading from there drops the rows that left both
+//! and merges the rest again, which changes nothing.
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -10,7 +20,7 @@ use sync_ext_protocol::scope::{validate_instance, Instances, Scopes};
 use crate::error::{Error, Result};
 use crate::status::Origin;
 use crate::store::Transaction;
-use crate::sync::{drop_row, read_cursor, unsent_changes, SyncReport, Stream, META_CURSOR, META_RESETTING};
+use crate::sync::{drop_row, read_cursor, unsent_changes, Stream, SyncReport, META_CURSOR, META_RESETTING};
 use crate::{Remote, SyncClient};
 
 /// The instances the main stream pulls (absent: the whole tenant).
@@ -20,12 +30,14 @@ const META_JOINING: &str = "joining";
 /// Set while the rows outside the scopes are still to be dropped.
 const META_PRUNE: &str = "prune";
 
-/// Instances being bootstrapped, and how far the bootstrap got.
+/// Instances being subscribed to, and how far their stages got.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 struct Joining {
     instances: Instances,
-    /// The bootstrap's cursor: 0 before its first page, negative while it is paged in.
+    /// The cursor of the stage: 0 before the bootstrap's first page, negative while it is paged in.
     cursor: i64,
+    /// Where the bootstrap ended, once it did: the catch-up of the instances held runs.
+    bootstrapped: Option<i64>,
 }
 
 /// A replica's scopes, as its store keeps them.
@@ -33,7 +45,7 @@ struct Joining {
 struct ScopeState {
     /// What the main stream pulls; `None` for the whole tenant.
     held: Option<Instances>,
-    /// Instances subscribed to and not bootstrapped yet.
+    /// Instances subscribed to and not joined to the main stream yet.
     joining: Option<Joining>,
     /// The rows outside the scopes are still to be dropped (after an unsubscribe).
     prune: bool,
@@ -94,23 +106,24 @@ impl ScopeState {
         Some(all)
     }
 
-    /// Adds instances. Before the main stream pulled anything they are simply held (its first pull is
-    /// a reset of them all); otherwise those not held yet are bootstrapped, and a bootstrap under way
-    /// starts again with them.
+    /// Adds instances: those not held yet join the main stream (see the module's doc), and a join under
+    /// way starts again with them. Before the main stream pulled anything, or while it is paged in by
+    /// a reset, the main stream restarts from 0: a reset of every instance.
     fn subscribe(&mut self, t: &mut dyn Transaction, instances: Instances) -> Result<()> {
         let target = self.target().ok_or_else(whole_tenant)?;
         let new: Instances = instances.difference(&target).cloned().collect();
         if new.is_empty() {
             return Ok(());
         }
-        if !pulled_anything(t)? {
+        if read_cursor(t)? <= 0 {
             self.held = Some(target.into_iter().chain(new).collect());
             self.joining = None;
-            return Ok(());
+            t.set_meta(META_CURSOR, "0")?;
+            return t.delete_meta(META_RESETTING);
         }
-        let joining = self.joining.get_or_insert_with(Joining::default);
-        joining.instances.extend(new);
-        joining.cursor = 0;
+        let mut instances = self.joining.take().map(|joining| joining.instances).unwrap_or_default();
+        instances.extend(new);
+        self.joining = Some(Joining { instances, ..Joining::default() });
         Ok(())
     }
 
@@ -182,19 +195,42 @@ pub(crate) fn restart(t: &mut dyn Transaction, scopes: Option<Instances>) -> Res
     ScopeState { held: scopes, ..ScopeState::default() }.write(t)
 }
 
-/// Notes a bootstrap page applied: its cursor, or, after the last page, the instances join the main
-/// stream, which goes on from the lesser of its cursor and the bootstrap's.
-pub(crate) fn note_joined(t: &mut dyn Transaction, cursor: i64, done: bool) -> Result<()> {
+/// Notes a bootstrap page applied: its cursor, or, after the last page, where the bootstrap ended (the
+/// catch-up begins from the main cursor).
+pub(crate) fn note_bootstrapped(t: &mut dyn Transaction, cursor: i64, done: bool) -> Result<()> {
     let mut state = ScopeState::read(t)?;
     let joining = state.joining.take().ok_or_else(|| Error::store("a bootstrap page came with no subscription under way"))?;
-    if done {
-        state.held.get_or_insert_with(Instances::new).extend(joining.instances);
-        let main = read_cursor(t)?;
-        t.set_meta(META_CURSOR, &main.min(cursor).to_string())?;
-    } else {
-        state.joining = Some(Joining { cursor, ..joining });
+    state.joining = Some(match done {
+        true => Joining { cursor: read_cursor(t)?, bootstrapped: Some(cursor), ..joining },
+        false => Joining { cursor, ..joining },
+    });
+    state.write(t)
+}
+
+/// Notes a catch-up page applied: its cursor, or, after the last page, the instances join the main
+/// stream, which goes on from the lesser of its cursor and the bootstrap's end.
+pub(crate) fn note_caught_up(t: &mut dyn Transaction, cursor: i64, done: bool) -> Result<()> {
+    let mut state = ScopeState::read(t)?;
+    let joining = state.joining.take().ok_or_else(|| Error::store("a catch-up page came with no subscription under way"))?;
+    match (done, joining.bootstrapped) {
+        (true, Some(end)) => {
+            state.held.get_or_insert_with(Instances::new).extend(joining.instances);
+            let main = read_cursor(t)?;
+            t.set_meta(META_CURSOR, &main.min(end).to_string())?;
+        }
+        _ => state.joining = Some(Joining { cursor, ..joining }),
     }
     state.write(t)
+}
+
+/// Gives up a join whose catch-up the server answered with a reset (the main cursor is below the
+/// compaction horizon, or a scope was redefined): the main stream restarts from 0, a reset of every
+/// instance.
+pub(crate) fn restart_joined(t: &mut dyn Transaction) -> Result<()> {
+    let state = ScopeState::read(t)?;
+    ScopeState { held: state.target(), joining: None, prune: state.prune }.write(t)?;
+    t.set_meta(META_CURSOR, "0")?;
+    t.delete_meta(META_RESETTING)
 }
 
 impl<R: Remote> SyncClient<R> {
@@ -207,8 +243,9 @@ impl<R: Remote> SyncClient<R> {
     /// Subscribes to more scope instances (`<scope>:<value>`, e.g. `project:42`), then syncs, and
     /// returns that sync's report.
     ///
-    /// The new instances are bootstrapped alone (a reset of their rows that forgets no other row), then
-    /// one cursor goes on over every instance. The subscription is recorded at once, in the store: if
+    /// The new instances are bootstrapped alone (a reset of their rows that forgets no other row), the
+    /// instances held catch up alone, then one cursor goes on over every instance (the module's doc
+    /// says why). The subscription is recorded at once, in the store: if
     /// the server cannot be reached, the error is returned and the next sync (or the live loop)
     /// bootstraps them, and a bootstrap cut off goes on from its last page. Instances already held
     /// change nothing. Waits for a sync under way. [`Error::Config`] for a replica that holds the whole
@@ -291,11 +328,17 @@ impl<R: Remote> SyncClient<R> {
         Ok(())
     }
 
-    /// Bootstraps the instances subscribed to, from where their bootstrap got to; whether there were any.
+    /// Joins the instances subscribed to the main stream, from the stage it got to (see the module's
+    /// doc); whether there were any.
     pub(crate) async fn join(&self, report: &mut SyncReport) -> Result<bool> {
-        let Some(joining) = self.in_place(|t| Ok(ScopeState::read(t)?.joining))? else { return Ok(false) };
-        let instances: Vec<String> = joining.instances.into_iter().collect();
-        self.pull_pages(joining.cursor, Stream::Join, Some(&instances), report).await?;
+        let Some(mut joining) = self.in_place(|t| Ok(ScopeState::read(t)?.joining))? else { return Ok(false) };
+        if joining.bootstrapped.is_none() {
+            let instances: Vec<String> = joining.instances.iter().cloned().collect();
+            self.pull_pages(joining.cursor, Stream::Bootstrap, Some(&instances), report).await?;
+            joining = self.in_place(|t| ScopeState::read(t)?.joining.ok_or_else(|| Error::store("the subscription under way was lost")))?;
+        }
+        let held = self.in_place(pulled_scopes)?.unwrap_or_default();
+        self.pull_pages(joining.cursor, Stream::CatchUp, Some(&held), report).await?;
         Ok(true)
     }
 }

@@ -12,7 +12,7 @@ use crate::clock::{observe_server_stamp, read_clock, read_offset, write_clock, M
 use crate::digest::{Pulled, ServerDigest};
 use crate::error::{Error, Result};
 use crate::outbox::{Rejection, REASON_REFUSED};
-use crate::scopes::{note_joined, pulled_scopes};
+use crate::scopes::{note_bootstrapped, note_caught_up, pulled_scopes, restart_joined};
 use crate::status::{Activity, Origin, SyncStatus};
 use crate::store::{LocalRow, Transaction};
 use crate::{protocol, Remote, SyncClient};
@@ -266,7 +266,7 @@ impl<R: Remote> SyncClient<R> {
             downloading(received, cursor);
             let page = match stream {
                 Stream::Repair => self.remote.pull_primary(&self.tenant, cursor, self.pull_page, scopes).await?,
-                Stream::Main | Stream::Join => self.remote.pull(&self.tenant, cursor, self.pull_page, scopes).await?,
+                Stream::Main | Stream::Bootstrap | Stream::CatchUp => self.remote.pull(&self.tenant, cursor, self.pull_page, scopes).await?,
             };
             match stream {
                 Stream::Repair if !page.reset => {
@@ -274,8 +274,13 @@ impl<R: Remote> SyncClient<R> {
                         "a repair asked for a reset (since {cursor}) and the server answered without one: pull_primary must reach the primary"
                     )))
                 }
-                Stream::Join if !page.reset => {
+                Stream::Bootstrap if !page.reset => {
                     return Err(Error::Protocol(format!("the bootstrap of {scopes:?} asked for a reset (since {cursor}) and the server answered without one")))
+                }
+                Stream::CatchUp if page.reset => {
+                    tracing::info!(tenant = %self.tenant, since = cursor, "the scopes held cannot go on from their cursor: a reset of every instance follows");
+                    self.in_place(restart_joined)?;
+                    return Ok(Pulled { digest: None, changed: true });
                 }
                 _ => {}
             }
@@ -284,9 +289,9 @@ impl<R: Remote> SyncClient<R> {
             self.in_place(|t| {
                 let mut clock = read_clock(t)?;
                 match stream {
-                    Stream::Join => apply_join_page(t, &page)?,
+                    Stream::Bootstrap => apply_bootstrap_page(t, &page)?,
                     _ if page.reset => apply_reset_page(t, &page)?,
-                    _ => apply_changes(t, &page)?,
+                    _ => apply_changes(t, &page, stream != Stream::CatchUp)?,
                 }
                 for pulled in &page.changes {
                     clock.observe(pulled.hlc);
@@ -294,13 +299,14 @@ impl<R: Remote> SyncClient<R> {
                 observe_server_stamp(t, page.changes.iter().map(|pulled| pulled.hlc))?;
                 write_clock(t, &clock)?;
                 match stream {
-                    Stream::Join => note_joined(t, page.cursor, !page.has_more),
-                    _ => t.set_meta(META_CURSOR, &page.cursor.to_string()),
+                    Stream::Bootstrap => note_bootstrapped(t, page.cursor, !page.has_more),
+                    Stream::CatchUp => note_caught_up(t, page.cursor, !page.has_more),
+                    Stream::Main | Stream::Repair => t.set_meta(META_CURSOR, &page.cursor.to_string()),
                 }
             })?;
-            // A bootstrap ignores leaves (the main stream, which goes on after it, sees them).
-            let rows = page.changes.iter().filter(|pulled| stream != Stream::Join || pulled.op != Op::Leave).map(|pulled| (pulled.model.clone(), pulled.pk.clone()));
-            let whole = page.reset && stream != Stream::Join;
+            let joining = matches!(stream, Stream::Bootstrap | Stream::CatchUp);
+            let rows = page.changes.iter().filter(|pulled| !joining || pulled.op != Op::Leave).map(|pulled| (pulled.model.clone(), pulled.pk.clone()));
+            let whole = page.reset && !joining;
             self.emit(if whole { Origin::Reset } else { Origin::Pull }, rows.collect(), whole);
             received += page.changes.len();
             downloading(received, page.cursor);
@@ -308,7 +314,7 @@ impl<R: Remote> SyncClient<R> {
             changed |= page.reset || !page.changes.is_empty();
             cursor = page.cursor;
             if !page.has_more {
-                if stream != Stream::Join {
+                if !joining {
                     report.cursor = cursor;
                 }
                 return Ok(Pulled { digest, changed });
@@ -324,8 +330,12 @@ pub(crate) enum Stream {
     Main,
     /// A reset from the primary, for a replica that differs from the server.
     Repair,
-    /// The bootstrap of instances subscribed to: a reset of their rows alone, which forgets no other row.
-    Join,
+    /// The bootstrap of instances subscribed to: a reset of their rows alone, which forgets no other
+    /// row; leaves are ignored.
+    Bootstrap,
+    /// After a bootstrap, the instances held, alone, from the main cursor; leaves are ignored. A reset
+    /// gives the join up for a reset of every instance.
+    CatchUp,
 }
 
 /// An error's own message, without the client's prefix: the server's message for a server error.
@@ -367,14 +377,16 @@ fn replace_row(t: &mut dyn Transaction, pulled: &PulledChange, unsent: &[Change]
     t.put_row(&pulled.model, &pulled.pk, &with_unsent(confirmed, &pulled.model, &pulled.pk, unsent))
 }
 
-/// Applies a page of changes: a leave drops the row's confirmed state, a whole row replaces it, and any
-/// other change is merged into it.
-fn apply_changes(t: &mut dyn Transaction, page: &protocol::PullResponse) -> Result<()> {
+/// Applies a page of changes: a leave drops the row's confirmed state (unless leaves are ignored), a
+/// whole row replaces it, and any other change is merged into it.
+fn apply_changes(t: &mut dyn Transaction, page: &protocol::PullResponse, leaves: bool) -> Result<()> {
     let replaces = |pulled: &PulledChange| pulled.op == Op::Leave || pulled.is_whole_row();
     let unsent = if page.changes.iter().any(replaces) { unsent_changes(t)? } else { Vec::new() };
     for pulled in &page.changes {
         if pulled.op == Op::Leave {
-            drop_row(t, &pulled.model, &pulled.pk, &unsent)?;
+            if leaves {
+                drop_row(t, &pulled.model, &pulled.pk, &unsent)?;
+            }
         } else if pulled.is_whole_row() {
             replace_row(t, pulled, &unsent)?;
         } else {
@@ -416,7 +428,7 @@ fn apply_reset_page(t: &mut dyn Transaction, page: &protocol::PullResponse) -> R
 
 /// Applies a page of a bootstrap: each row sent replaces the replica's, whatever else it holds; leaves
 /// are ignored (the row may be in another instance the replica holds: the main stream tells).
-fn apply_join_page(t: &mut dyn Transaction, page: &protocol::PullResponse) -> Result<()> {
+fn apply_bootstrap_page(t: &mut dyn Transaction, page: &protocol::PullResponse) -> Result<()> {
     let unsent = unsent_changes(t)?;
     for pulled in page.changes.iter().filter(|pulled| pulled.op != Op::Leave) {
         replace_row(t, pulled, &unsent)?;

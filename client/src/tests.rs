@@ -930,10 +930,16 @@ async fn subscribe_bootstraps_the_new_instances_alone_resumes_after_a_crash_and_
         assert_eq!(scopes_of(&device), strings(&["project:1", "project:2"]));
     }
     // Reopened with the same instances (in another order): the bootstrap goes on from its last page.
+    // Then project 1 alone catches up from the main cursor: t6 moved from project 2 to project 1 after
+    // it, so it is in no bootstrap page, and only this pull brings it whole; its leave of t4 (which
+    // moved to project 2) is ignored.
     let device = scoped(LocalStore::sqlite(&path).unwrap(), &remote, &["project:2", "project:1"]);
-    remote.serve([page(vec![pulled(13, Op::Leave, "task", "t1", None), whole_row(14, "task", "t4", &written(14, json!({"project_id": 2})))], 20, false, true)]);
+    let bootstrap_end = page(vec![pulled(13, Op::Leave, "task", "t1", None), whole_row(14, "task", "t4", &written(14, json!({"project_id": 2})))], 20, false, true);
+    let catch_up = page(vec![whole_row(15, "task", "t6", &written(15, json!({"project_id": 1, "title": "moved"}))), pulled(16, Op::Leave, "task", "t4", None)], 20, false, false);
+    remote.serve([bootstrap_end, catch_up]);
     let report = device.sync().await.unwrap();
-    assert_eq!(listed(&device, "task").keys().collect::<Vec<_>>(), ["t1", "t2", "t4"], "a bootstrap ignores leaves");
+    assert_eq!(listed(&device, "task").keys().collect::<Vec<_>>(), ["t1", "t2", "t4", "t6"], "a bootstrap and a catch-up ignore leaves");
+    assert_eq!(listed(&device, "task")["t6"]["title"], "moved");
     assert_eq!(listed(&device, "label").len(), 1);
     assert_eq!(
         remote.pulls(),
@@ -942,12 +948,34 @@ async fn subscribe_bootstraps_the_new_instances_alone_resumes_after_a_crash_and_
             (0, strings(&["project:2"])),
             (-12, strings(&["project:2"])),
             (-12, strings(&["project:2"])),
+            (10, strings(&["project:1"])),
             (10, strings(&["project:1", "project:2"])),
         ],
-        "only the new instance is bootstrapped; then one cursor, min(10, 20), over both"
+        "only the new instance is bootstrapped, the held one caught up; then one cursor, min(10, 20), over both"
     );
     assert_eq!(report.cursor, 10, "the scripted server had nothing after 10");
     assert_eq!(device.store.transaction(read_cursor).unwrap(), 10);
+}
+
+#[tokio::test]
+async fn a_join_whose_catch_up_is_answered_with_a_reset_becomes_a_reset_of_every_instance() {
+    let remote = Scripted::default();
+    let device = scoped(LocalStore::memory(), &remote, &["project:1"]);
+    remote.serve([page(vec![whole_row(1, "task", "t1", &written(1, json!({"project_id": 1})))], 10, false, true)]);
+    device.sync().await.unwrap();
+    let t2 = whole_row(12, "task", "t2", &written(12, json!({"project_id": 2})));
+    let compacted = page(vec![whole_row(11, "task", "t1", &written(11, json!({"project_id": 1, "title": "newer"})))], 12, false, true);
+    let reset = page(vec![whole_row(11, "task", "t1", &written(11, json!({"project_id": 1, "title": "newer"}))), t2.clone()], 12, false, true);
+    remote.serve([page(vec![t2], 12, false, true), compacted, reset]);
+    device.subscribe(["project:2"]).await.unwrap();
+    assert_eq!(
+        remote.pulls(),
+        [(0, strings(&["project:1"])), (0, strings(&["project:2"])), (10, strings(&["project:1"])), (0, strings(&["project:1", "project:2"]))],
+        "the catch-up's reset is not applied: the main stream starts again from 0"
+    );
+    assert_eq!(listed(&device, "task").keys().collect::<Vec<_>>(), ["t1", "t2"]);
+    assert_eq!(listed(&device, "task")["t1"]["title"], "newer");
+    assert_eq!((scopes_of(&device), device.store.transaction(read_cursor).unwrap()), (strings(&["project:1", "project:2"]), 12));
 }
 
 #[tokio::test]
@@ -964,7 +992,7 @@ async fn a_store_opened_with_other_scopes_moves_to_them_as_subscribe_and_unsubsc
     remote.serve([page(vec![whole_row(9, "task", "t5", &written(9, json!({"owner": "ann"})))], 9, false, true)]);
     device.sync().await.unwrap();
     assert_eq!(listed(&device, "task").keys().collect::<Vec<_>>(), ["t2", "t3", "t5"], "t1 (project:1 alone) dropped, owner:ann bootstrapped");
-    assert_eq!(remote.pulls()[1..], [(0, strings(&["owner:ann"])), (4, strings(&["owner:ann", "project:2"]))]);
+    assert_eq!(remote.pulls()[1..], [(0, strings(&["owner:ann"])), (4, strings(&["project:2"])), (4, strings(&["owner:ann", "project:2"]))]);
     drop(device);
 
     // Opened without scopes: the whole tenant, pulled from the start of the log over the rows held.
