@@ -13,7 +13,7 @@ use crate::sync::{Stream, SyncReport};
 use crate::{Remote, SyncClient};
 
 /// The digest of the confirmed rows of a store: the server's rows as this replica holds them, without
-/// its unsent changes (see [`protocol::digest`]). Reads every row: O(rows).
+/// its unsent changes (see [`crate::protocol::digest`]). Reads every row: O(rows).
 pub(crate) fn confirmed_digest(t: &mut dyn Transaction) -> Result<u64> {
     let mut digest = 0u64;
     t.for_each_confirmed(&mut |model, pk, confirmed| {

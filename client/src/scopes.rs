@@ -25,16 +25,20 @@ use crate::{Remote, SyncClient};
 
 /// The instances the main stream pulls (absent: the whole tenant).
 const META_SCOPES: &str = "scopes";
-/// Instances subscribed to whose bootstrap has not finished, with its cursor.
+/// Instances subscribed to whose join has not finished, with its stage and cursor.
 const META_JOINING: &str = "joining";
 /// Set while the rows outside the scopes are still to be dropped.
 const META_PRUNE: &str = "prune";
+/// Set when the server acknowledged changes of a replica with scopes: after the next pull, the rows
+/// that hold only such changes and were not pulled back are outside the scopes.
+const META_SENT: &str = "sent";
 
 /// Instances being subscribed to, and how far their stages got.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 struct Joining {
     instances: Instances,
-    /// The cursor of the stage: 0 before the bootstrap's first page, negative while it is paged in.
+    /// The cursor of the stage: the bootstrap's (0 before its first page, negative while it is paged
+    /// in), then the catch-up's (from the main cursor on).
     cursor: i64,
     /// Where the bootstrap ended, once it did: the catch-up of the instances held runs.
     bootstrapped: Option<i64>,
@@ -99,7 +103,7 @@ impl ScopeState {
         }
     }
 
-    /// Every instance held or being bootstrapped; `None` for the whole tenant.
+    /// Every instance held or joining; `None` for the whole tenant.
     fn target(&self) -> Option<Instances> {
         let mut all = self.held.clone()?;
         all.extend(self.joining.iter().flat_map(|joining| joining.instances.iter().cloned()));
@@ -127,7 +131,7 @@ impl ScopeState {
         Ok(())
     }
 
-    /// Removes instances: the main stream stops pulling them, a bootstrap under way forgets them, and
+    /// Removes instances: the main stream stops pulling them, a join under way forgets them, and
     /// the rows no remaining instance holds are to be dropped.
     fn unsubscribe(&mut self, t: &mut dyn Transaction, instances: &Instances) -> Result<()> {
         let before = self.target().ok_or_else(whole_tenant)?;
@@ -184,9 +188,17 @@ pub(crate) fn pulled_scopes(t: &mut dyn Transaction) -> Result<Option<Vec<String
     Ok(ScopeState::read(t)?.held.map(|held| held.into_iter().collect()))
 }
 
-/// Every instance the replica holds or is bootstrapping; `None` for the whole tenant.
+/// Every instance the replica holds or is joining; `None` for the whole tenant.
 pub(crate) fn target(t: &mut dyn Transaction) -> Result<Option<Instances>> {
     Ok(ScopeState::read(t)?.target())
+}
+
+/// Notes, for a replica with scopes, that the server acknowledged changes (see [`META_SENT`]).
+pub(crate) fn note_sent(t: &mut dyn Transaction) -> Result<()> {
+    match ScopeState::read(t)?.held {
+        Some(_) => t.set_meta(META_SENT, "1"),
+        None => Ok(()),
+    }
 }
 
 /// Forgets the progress of every scope change, keeping the instances (for a clear: the next pull
@@ -245,11 +257,11 @@ impl<R: Remote> SyncClient<R> {
     ///
     /// The new instances are bootstrapped alone (a reset of their rows that forgets no other row), the
     /// instances held catch up alone, then one cursor goes on over every instance (the module's doc
-    /// says why). The subscription is recorded at once, in the store: if
-    /// the server cannot be reached, the error is returned and the next sync (or the live loop)
-    /// bootstraps them, and a bootstrap cut off goes on from its last page. Instances already held
-    /// change nothing. Waits for a sync under way. [`Error::Config`] for a replica that holds the whole
-    /// tenant; [`Error::InvalidChange`] for a malformed instance.
+    /// says why). The subscription is recorded at once, in the store: if the server cannot be reached,
+    /// the error is returned and the next sync (or the live loop) bootstraps them, and a bootstrap cut
+    /// off goes on from its last page. Instances already held change nothing. Waits for a sync under
+    /// way. [`Error::Config`] for a replica that holds the whole tenant; [`Error::InvalidChange`] for
+    /// a malformed instance.
     pub async fn subscribe(&self, instances: impl IntoIterator<Item = impl Into<String>>) -> Result<SyncReport> {
         let instances = validated(instances)?;
         let _syncing = self.syncing.lock().await;
@@ -263,11 +275,12 @@ impl<R: Remote> SyncClient<R> {
 
     /// Unsubscribes from scope instances: pulls stop bringing their rows at once, and the rows that no
     /// remaining instance holds are dropped (their confirmed state; the outbox is untouched, so a row
-    /// with unsent changes shows only them until they are sent). Rows of tenant-wide models stay. Which instances a row
-    /// is in follows the server's scope definitions ([`Remote::scope_definitions`]): if they cannot be
-    /// fetched, the error is returned and the next sync drops the rows. A change event with origin
-    /// [`Origin::OutOfScope`] lists them. Waits for a sync under way. [`Error::Config`] for a
-    /// replica that holds the whole tenant; [`Error::InvalidChange`] for a malformed instance.
+    /// with unsent changes shows only them until they are sent). Rows of tenant-wide models stay.
+    /// Which instances a row is in follows the server's scope definitions
+    /// ([`Remote::scope_definitions`]): if they cannot be fetched, the error is returned and the next
+    /// sync drops the rows. A change event with origin [`Origin::OutOfScope`] lists them. Waits for a
+    /// sync under way. [`Error::Config`] for a replica that holds the whole tenant;
+    /// [`Error::InvalidChange`] for a malformed instance.
     pub async fn unsubscribe(&self, instances: impl IntoIterator<Item = impl Into<String>>) -> Result<()> {
         let instances = validated(instances)?;
         let _syncing = self.syncing.lock().await;
@@ -316,6 +329,10 @@ impl<R: Remote> SyncClient<R> {
     /// while the app's changes to them waited.
     pub(crate) fn forget_sent_outside(&self) -> Result<()> {
         let forgotten = self.in_place(|t| {
+            if t.meta(META_SENT)?.is_none() {
+                return Ok(Vec::new());
+            }
+            t.delete_meta(META_SENT)?;
             let unsent = unsent_changes(t)?;
             let outside: Vec<(String, String)> =
                 t.unconfirmed()?.into_iter().filter(|(model, pk)| !unsent.iter().any(|change| change.model == *model && change.pk == *pk)).collect();

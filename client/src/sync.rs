@@ -12,7 +12,7 @@ use crate::clock::{observe_server_stamp, read_clock, read_offset, write_clock, M
 use crate::digest::{Pulled, ServerDigest};
 use crate::error::{Error, Result};
 use crate::outbox::{Rejection, REASON_REFUSED};
-use crate::scopes::{note_bootstrapped, note_caught_up, pulled_scopes, restart_joined};
+use crate::scopes::{note_bootstrapped, note_caught_up, note_sent, pulled_scopes, restart_joined};
 use crate::status::{Activity, Origin, SyncStatus};
 use crate::store::{LocalRow, Transaction};
 use crate::{protocol, Remote, SyncClient};
@@ -237,6 +237,9 @@ impl<R: Remote> SyncClient<R> {
             }
             let acknowledged: Vec<&Change> = changes.iter().zip(statuses).filter(|(_, status)| status.is_acknowledged()).map(|(change, _)| change).collect();
             observe_server_stamp(t, acknowledged.iter().map(|change| change.hlc))?;
+            if !acknowledged.is_empty() {
+                note_sent(t)?;
+            }
             let rows = recorded.iter().map(|rejection: &Rejection| (rejection.change.model.clone(), rejection.change.pk.clone())).collect();
             restore_rows(t, &rows, &acknowledged)?;
             Ok((recorded, t.outbox_len()?, t.rejections()?.len()))
