@@ -32,13 +32,15 @@ SELECT pg_catalog.pg_extension_config_dump('sync_ext.scope_grants', '');
 -- it (rows of tenant-wide models under the instance ''). A scoped pull reads the listed instances' rows
 -- in seq order, so it costs what it returns, whatever the tenant's other instances hold. Empty while no
 -- scope is defined.
+-- Instances compare bytewise (the index is read, never shown in order), and the key carries before and
+-- after so that a pull reads the index alone.
 CREATE TABLE sync_ext.scope_log (
     tenant_id text    NOT NULL,
-    instance  text    NOT NULL,
+    instance  text    COLLATE "C" NOT NULL,
     seq       bigint  NOT NULL,
     before    boolean NOT NULL,
     after     boolean NOT NULL,
-    PRIMARY KEY (tenant_id, instance, seq)
+    PRIMARY KEY (tenant_id, instance, seq) INCLUDE (before, after)
 );
 COMMENT ON TABLE sync_ext.scope_log IS
     'Per log entry, the scope instances its row was in before (before) and after (after) the change; '''' for tenant-wide models.';
@@ -47,7 +49,7 @@ SELECT pg_catalog.pg_extension_config_dump('sync_ext.scope_log', '');
 -- The digest of each instance's visible rows, kept on every write as the tenant's digest is.
 CREATE TABLE sync_ext.scope_digests (
     tenant_id text   NOT NULL,
-    instance  text   NOT NULL,
+    instance  text   COLLATE "C" NOT NULL,
     digest    bigint NOT NULL,
     PRIMARY KEY (tenant_id, instance)
 );

@@ -126,7 +126,9 @@ changes AS (
                                         'hlc', o.hlc, 'actor', o.actor, 'value', NULL) END AS change
       FROM examined AS e
       JOIN sync_ext.op_log AS o ON o.tenant_id = $1 AND o.seq = e.seq
-      LEFT JOIN sync_ext.snapshots AS s ON e.is_in AND NOT e.was_in AND s.tenant_id = $1 AND s.model = o.model AND s.id = o.pk
+      -- Only a move-in reads the row's snapshot (OFFSET 0 keeps the condition a gate on the lookup).
+      LEFT JOIN LATERAL (SELECT * FROM sync_ext.snapshots AS s
+                          WHERE e.is_in AND NOT e.was_in AND s.tenant_id = $1 AND s.model = o.model AND s.id = o.pk OFFSET 0) AS s ON true
      WHERE NOT (SELECT reset FROM mode)
     UNION ALL
     SELECT e.seq,
