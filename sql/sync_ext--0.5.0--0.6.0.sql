@@ -62,6 +62,9 @@ SELECT sync_ext.alter_sync_table('sync_ext.tenants', $ddl$ALTER TABLE %1$s ADD C
 SELECT sync_ext.alter_sync_table('sync_ext.tenants', $ddl$COMMENT ON COLUMN %1$s.scope_horizon IS
     'The tenant''s last seq when scopes were last defined or dropped: a scoped pull from below it is answered with a reset.'$ddl$);
 SELECT sync_ext.alter_sync_table('sync_ext.models', $ddl$ALTER TABLE %1$s ADD COLUMN read_only boolean NOT NULL DEFAULT false$ddl$);
+SELECT sync_ext.alter_sync_table('sync_ext.models', $ddl$ALTER TABLE %1$s ADD COLUMN columns text[]$ddl$);
+SELECT sync_ext.alter_sync_table('sync_ext.models', $ddl$COMMENT ON COLUMN %1$s.columns IS
+    'The only columns the model syncs, besides its key (NULL: every column); the others never enter the log and pushes leave them alone.'$ddl$);
 SELECT sync_ext.alter_sync_table('sync_ext.models', $ddl$COMMENT ON COLUMN %1$s.read_only IS
     'Devices may not push changes to the model (rejected read_only); the table''s own writes are captured as usual.'$ddl$);
 
@@ -87,6 +90,15 @@ CREATE OR REPLACE FUNCTION "sync_pull_msgpack"(
 	"max_changes" INT DEFAULT 1000,
 	"scopes" TEXT[] DEFAULT NULL
 ) RETURNS bytea STABLE PARALLEL SAFE LANGUAGE c AS 'MODULE_PATHNAME', 'sync_pull_msgpack_scoped_wrapper';
+-- sync_register_model gains `columns`: a bound model may sync only some of its table's columns.
+DROP FUNCTION sync_register_model(text, regclass, text, text);
+CREATE FUNCTION "sync_register_model"(
+	"model" TEXT,
+	"tbl" regclass,
+	"tenant_column" TEXT DEFAULT NULL,
+	"tenant" TEXT DEFAULT NULL,
+	"columns" TEXT[] DEFAULT NULL
+) RETURNS void VOLATILE PARALLEL UNSAFE LANGUAGE c AS 'MODULE_PATHNAME', 'sync_register_model_columns_wrapper';
 CREATE OR REPLACE FUNCTION "sync_define_scope"(
 	"scope" TEXT,
 	"model" TEXT,
@@ -128,7 +140,7 @@ END
 $$;
 COMMENT ON FUNCTION sync_revoke_scope(regrole, text, text) IS 'Takes back sync_grant_scope.';
 
-REVOKE EXECUTE ON FUNCTION sync_define_scope(text, text, text), sync_drop_scope(text, text), sync_set_read_only(text, boolean),
+REVOKE EXECUTE ON FUNCTION sync_register_model(text, regclass, text, text, text[]), sync_define_scope(text, text, text), sync_drop_scope(text, text), sync_set_read_only(text, boolean),
                            sync_grant_scope(regrole, text, text), sync_revoke_scope(regrole, text, text)
     FROM PUBLIC;
 

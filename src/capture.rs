@@ -116,6 +116,7 @@ fn captured_rows(model: &Model, rows: Option<AnyArray>) -> SyncResult<Vec<Captur
         .map(|mut columns| {
             let tenant = model.tenant_of(&columns)?;
             model.remove_tenant_column(&mut columns);
+            columns.retain(|name, _| model.syncs(name));
             let pk = model.pk_text(&columns).ok_or_else(|| SyncError::MissingKey { model: model.name.clone() })?;
             Ok(CapturedRow { tenant, pk, columns })
         })

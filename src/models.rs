@@ -53,6 +53,9 @@ pub struct Model {
     tenant: TenantBinding,
     /// Devices may not push to the model (see `sync_set_read_only`).
     read_only: bool,
+    /// Whether the model syncs only some of the table's columns (`columns` at registration): `fields`
+    /// then holds those, the key columns and the tenant column, and the others are left alone.
+    narrowed: bool,
 }
 
 thread_local! {
@@ -148,7 +151,16 @@ fn step_refusal(error: &StepError) -> String {
 impl Model {
     /// Reads a table's shape and checks it can be synced: it has a primary key, every column maps
     /// to portable JSON, and the tenant column (if any) holds text.
-    fn describe(client: &SpiClient<'_>, name: &str, table: pg_sys::Oid, tenant_column: Option<&str>, tenant: Option<&str>) -> SyncResult<Model> {
+    /// With `columns`, the model syncs only those columns of the table (and its key); names the table
+    /// lacks (a column dropped since) are left out.
+    fn describe(
+        client: &SpiClient<'_>,
+        name: &str,
+        table: pg_sys::Oid,
+        tenant_column: Option<&str>,
+        tenant: Option<&str>,
+        columns: Option<&[String]>,
+    ) -> SyncResult<Model> {
         let shape = crate::plans::select(
             client,
             "SELECT c.relname::text, c.reltype, c.relkind::text,
@@ -178,7 +190,10 @@ impl Model {
                 problem: format!("{table_name} has no primary key; a synced table needs one (it is the row's pk on the wire)"),
             });
         }
-        let fields = composite_fields(row_type, -1)?;
+        let mut fields = composite_fields(row_type, -1)?;
+        if let Some(columns) = columns {
+            fields.retain(|field| columns.contains(&field.name) || key_columns.contains(&field.name) || tenant_column == Some(field.name.as_str()));
+        }
         let position = |column: &str| fields.iter().position(|field| field.name == column);
         let mut primary_key: Vec<usize> = key_columns.iter().map(|column| position(column).expect("key columns are live")).collect();
         let tenant = match (tenant_column, tenant) {
@@ -217,7 +232,18 @@ impl Model {
                 problem: format!("the primary key of {table_name} is its tenant column alone; it needs a column that names the row within its tenant"),
             });
         }
-        Ok(Model { name: name.to_owned(), table, table_name, row_type, fields, primary_key, key_holds_tenant, tenant, read_only: false })
+        Ok(Model {
+            name: name.to_owned(),
+            table,
+            table_name,
+            row_type,
+            fields,
+            primary_key,
+            key_holds_tenant,
+            tenant,
+            read_only: false,
+            narrowed: columns.is_some(),
+        })
     }
 
     /// On a distributed install: fails unless the table is distributed by its tenant column, co-located
@@ -294,7 +320,7 @@ impl Model {
     fn load(client: &SpiClient<'_>, condition: &str, argument: DatumWithOid<'_>) -> SyncResult<HashMap<String, Model>> {
         let rows = crate::plans::select(
             client,
-            &format!("SELECT model, table_name::oid, tenant_column::text, tenant, read_only FROM sync_ext.models WHERE {condition}"),
+            &format!("SELECT model, table_name::oid, tenant_column::text, tenant, read_only, columns FROM sync_ext.models WHERE {condition}"),
             None,
             &[argument],
         )?;
@@ -302,13 +328,14 @@ impl Model {
         for row in rows {
             let table: pg_sys::Oid = row.get(2)?.unwrap_or(pg_sys::InvalidOid);
             let read_only = row.get::<bool>(5)?.unwrap_or(false);
-            registered.push((row.get::<String>(1)?.unwrap_or_default(), table, row.get::<String>(3)?, row.get::<String>(4)?, read_only));
+            let columns = row.get::<Vec<String>>(6)?;
+            registered.push((row.get::<String>(1)?.unwrap_or_default(), table, row.get::<String>(3)?, row.get::<String>(4)?, read_only, columns));
         }
         registered
             .into_iter()
-            .map(|(name, table, column, tenant, read_only)| {
+            .map(|(name, table, column, tenant, read_only, columns)| {
                 crate::kept::watch(table); // an ALTER TABLE makes the description stale
-                let model = Model { read_only, ..Self::describe(client, &name, table, column.as_deref(), tenant.as_deref())? };
+                let model = Model { read_only, ..Self::describe(client, &name, table, column.as_deref(), tenant.as_deref(), columns.as_deref())? };
                 Ok((name, model))
             })
             .collect()
@@ -321,6 +348,20 @@ impl Model {
 
     fn field(&self, name: &str) -> Option<(usize, &Field)> {
         self.fields.iter().enumerate().find(|(_, field)| field.name == name)
+    }
+
+    /// Whether the model syncs the column `name` (the tenant column included).
+    pub fn syncs(&self, name: &str) -> bool {
+        self.field(name).is_some()
+    }
+
+    /// Why a change naming the column `name` is refused when the model does not sync it.
+    fn unsynced(&self, name: &str) -> String {
+        if self.narrowed {
+            refusal("invalid_value", format!("column \"{name}\" is not one of the columns model {} syncs", self.name))
+        } else {
+            refusal("invalid_value", format!("column \"{name}\" does not exist in {}", self.table_name))
+        }
     }
 
     fn tenant_column(&self) -> Option<&Field> {
@@ -408,9 +449,7 @@ impl Model {
         let Some(value) = &change.value else { return Ok(None) };
         let mut normalized = if change.op == Op::Insert { key.clone() } else { Map::new() };
         for (name, value) in value {
-            let Some((_, field)) = self.field(name) else {
-                return Err(refusal("invalid_value", format!("column \"{name}\" does not exist in {}", self.table_name)));
-            };
+            let Some((_, field)) = self.field(name) else { return Err(self.unsynced(name)) };
             if self.tenant_column().is_some_and(|column| column.name == *name) {
                 if value.as_str() != Some(tenant) {
                     return Err(refusal("wrong_tenant", format!("column \"{name}\" is {value}, not the pushing tenant")));
@@ -657,7 +696,22 @@ pub fn normalize_changes(changes: &mut [Change], tenant: &str, models: &HashMap<
 
 /// Binds a sync model to a table. Exactly one of `tenant_column` (the column holding each row's
 /// tenant, filled by the engine on pushed inserts) and `tenant` (the one tenant owning the table)
-/// must be given. Rows already in the table are offered to pulling clients.
+/// must be given. With `columns`, the model syncs only those columns (its key columns always): the
+/// others never enter the log, pushes cannot name them and leave them alone. Rows already in the table
+/// are offered to pulling clients. Declared in SQL as `sync_register_model` by the 0.6.0 upgrade script.
+#[pg_extern(sql = false)]
+fn sync_register_model_columns(
+    model: &str,
+    tbl: pgrx::PgRelation,
+    tenant_column: Option<&str>,
+    tenant: Option<&str>,
+    columns: Option<Vec<String>>,
+) -> Result<(), pgrx::pg_sys::panic::ErrorReport> {
+    Ok(register(model, tbl.oid(), tenant_column, tenant, columns.as_deref())?)
+}
+
+/// `sync_register_model` of before 0.6.0 (no `columns`): the SQL object of older versions calls it until
+/// `ALTER EXTENSION sync_ext UPDATE`, and a fresh install declares it until its 0.6.0 part replaces it.
 #[pg_extern(volatile, parallel_unsafe)]
 fn sync_register_model(
     model: &str,
@@ -665,13 +719,19 @@ fn sync_register_model(
     tenant_column: default!(Option<&str>, "NULL"),
     tenant: default!(Option<&str>, "NULL"),
 ) -> Result<(), pgrx::pg_sys::panic::ErrorReport> {
-    Ok(register(model, tbl.oid(), tenant_column, tenant)?)
+    sync_register_model_columns(model, tbl, tenant_column, tenant, None)
 }
 
-fn register(name: &str, table: pg_sys::Oid, tenant_column: Option<&str>, tenant: Option<&str>) -> SyncResult<()> {
+fn register(name: &str, table: pg_sys::Oid, tenant_column: Option<&str>, tenant: Option<&str>, columns: Option<&[String]>) -> SyncResult<()> {
     sync_ext_protocol::change::validate_name("model", name)?;
     Spi::connect_mut(|client| {
-        let model = Model::describe(client, name, table, tenant_column, tenant)?;
+        let model = Model::describe(client, name, table, tenant_column, tenant, columns)?;
+        if let Some(columns) = columns {
+            let table_columns = composite_fields(model.row_type, -1)?;
+            if let Some(unknown) = columns.iter().find(|column| !table_columns.iter().any(|field| field.name == **column)) {
+                return Err(SyncError::InvalidArgument { argument: "columns", problem: format!("{} has no column {}", model.table_name, quote_identifier(unknown)) });
+            }
+        }
         if crate::citus::distributed() {
             model.require_colocated(client)?;
         }
@@ -684,9 +744,9 @@ fn register(name: &str, table: pg_sys::Oid, tenant_column: Option<&str>, tenant:
             return Err(SyncError::AlreadyRegistered { model: name.to_owned(), table: model.table_name.clone() });
         }
         client.update(
-            "INSERT INTO sync_ext.models (model, table_name, tenant_column, tenant) VALUES ($1, $2, $3, $4)",
+            "INSERT INTO sync_ext.models (model, table_name, tenant_column, tenant, columns) VALUES ($1, $2, $3, $4, $5)",
             None,
-            &[name.into(), table.into(), tenant_column.into(), tenant.into()],
+            &[name.into(), table.into(), tenant_column.into(), tenant.into(), columns.map(<[String]>::to_vec).into()],
         )?;
         // One statement each: Citus distributes one command at a time.
         let table_sql = &model.table;
@@ -966,6 +1026,47 @@ mod tests {
         assert_eq!(rows().as_deref(), Some("globex/7=from SQL"), "acme's delete leaves globex's row alone");
         let only_tenant = error_of("CREATE TABLE solo (tenant_id text PRIMARY KEY, body text); SELECT sync_register_model('solo', 'solo', tenant_column => 'tenant_id')");
         assert!(only_tenant.starts_with("22023: tbl: the primary key of solo is its tenant column alone"), "{only_tenant}");
+    }
+
+    /// `todos` bound as a model syncing only `title` and `done` (its key always): `priority`, `due`,
+    /// `tags` and `meta` stay the server's.
+    fn create_narrow_todos() {
+        Spi::run(
+            "CREATE TABLE todos (id uuid PRIMARY KEY, tenant_id text NOT NULL, title text NOT NULL, done boolean NOT NULL DEFAULT false,
+                                 priority numeric(4,2) CHECK (priority >= 0), due timestamptz, tags text[], meta jsonb);
+             SELECT sync_register_model('todo', 'todos', tenant_column => 'tenant_id', columns => ARRAY['title', 'done']);",
+        )
+        .unwrap();
+    }
+
+    #[pg_test]
+    fn a_model_syncing_some_columns_never_logs_the_others_and_pushes_leave_them_alone() {
+        create_narrow_todos();
+        let inserted = push("acme", json!([at(1, TODO_1, "insert", 1, json!({"title": "milk"})), at(2, TODO_2, "insert", 1, json!({"title": "bread", "done": true}))]));
+        assert_eq!(statuses(&inserted), ["applied", "applied"]);
+        Spi::run(&format!("UPDATE todos SET priority = 2, meta = '{{\"private\": 1}}' WHERE id = '{TODO_2}'")).unwrap();
+        assert_eq!(pull("acme", 2, 10)["changes"].as_array().unwrap().len(), 0, "a write of unsynced columns alone is not logged");
+        Spi::run(&format!("UPDATE todos SET title = 'rye bread', priority = 4 WHERE id = '{TODO_2}'")).unwrap();
+        assert_eq!(pull("acme", 2, 10)["changes"][0]["value"], json!({"title": "rye bread"}), "only the synced column enters the log");
+        assert_eq!(statuses(&push("acme", json!([at(3, TODO_2, "update", 5, json!({"done": false}))]))), ["applied"]);
+        let rows = text("SELECT string_agg(format('%s|%s|%s|%s', title, done, coalesce(priority::text, 'NULL'), coalesce(meta::text, 'NULL')), ',' ORDER BY id) FROM todos");
+        assert_eq!(rows.as_deref(), Some("milk|f|NULL|NULL,rye bread|f|4.00|{\"private\": 1}"), "a push writes the synced columns and keeps the others");
+        let fingerprint = crate::testing::fingerprint();
+        let refused = push("acme", json!([at(4, TODO_2, "update", 6, json!({"priority": "9"}))]));
+        assert_eq!(refused["results"][0]["status"], "rejected");
+        assert_eq!(refused["results"][0]["reason"], "invalid_value: column \"priority\" is not one of the columns model todo syncs");
+        assert_eq!(crate::testing::fingerprint(), fingerprint, "the refused change changed nothing");
+    }
+
+    #[pg_test]
+    fn registering_columns_the_table_lacks_is_refused_naming_the_argument() {
+        Spi::run("CREATE TABLE todos (id uuid PRIMARY KEY, tenant_id text NOT NULL, title text)").unwrap();
+        let unknown = error_of("SELECT sync_register_model('todo', 'todos', tenant_column => 'tenant_id', columns => ARRAY['title', 'colour'])");
+        assert_eq!(unknown, "22023: columns: todos has no column \"colour\"");
+        assert_eq!(text("SELECT count(*)::text FROM sync_ext.models").as_deref(), Some("0"), "nothing was registered");
+        Spi::run(&format!("INSERT INTO todos VALUES ('{TODO_1}', 'acme', 'already here')")).unwrap();
+        Spi::run("SELECT sync_register_model('todo', 'todos', tenant_column => 'tenant_id', columns => '{}')").unwrap();
+        assert_eq!(pull("acme", 0, 10)["changes"][0]["value"], json!({"id": TODO_1}), "rows already there are offered, with the key alone for an empty list");
     }
 
     #[pg_test]
