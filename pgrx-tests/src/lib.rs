@@ -225,6 +225,12 @@ pub fn pull(client: &mut Client, tenant: &str, since: i64, max_changes: i32) -> 
     Ok(serde_json::from_value(row.get::<_, Value>(0)).expect("a pull response"))
 }
 
+/// Calls `sync_pull` for the scope instances `scopes` and returns the typed response.
+pub fn pull_scoped(client: &mut Client, tenant: &str, since: i64, max_changes: i32, scopes: &[&str]) -> Result<PullResponse, postgres::Error> {
+    let row = client.query_one("SELECT sync_pull($1, $2, $3, $4)", &[&tenant, &since, &max_changes, &scopes])?;
+    Ok(serde_json::from_value(row.get::<_, Value>(0)).expect("a pull response"))
+}
+
 /// Pulls every change after `since`, page by page.
 pub fn pull_all(client: &mut Client, tenant: &str, since: i64, page: i32) -> Result<PullResponse, postgres::Error> {
     let mut all = PullResponse { changes: Vec::new(), cursor: since, has_more: true, reset: false, digest: None, digests: None };

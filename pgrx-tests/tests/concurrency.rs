@@ -7,8 +7,8 @@ use std::thread;
 
 use postgres::{Client, NoTls};
 use serde_json::json;
-use sync_ext_pgrx_tests::{change, hlc_ago, pull, pull_all, push, Cluster};
-use sync_ext_protocol::{Op, Status};
+use sync_ext_pgrx_tests::{change, hlc_ago, pull, pull_all, pull_scoped, push, server_rows, Cluster};
+use sync_ext_protocol::{Op, RowState, Status};
 use uuid::Uuid;
 
 const PUSHERS: usize = 4;
@@ -123,4 +123,137 @@ fn a_push_to_one_tenant_never_waits_for_another_tenants_open_push() {
     assert_eq!(push(&mut blocked, "tenant-a", &row("queued")).unwrap().cursor, 2, "after the commit it goes through");
     let seqs: BTreeSet<i64> = pull_all(&mut other, "tenant-a", 0, 10).unwrap().changes.iter().map(|c| c.seq).collect();
     assert_eq!(seqs, BTreeSet::from([1, 2]));
+}
+
+/// The scope instances of the moving-rows test, and the devices pulling them: two hold two instances each,
+/// two hold one each of the first device's.
+const PROJECTS: usize = 4;
+const DEVICES: [&[&str]; 4] = [&["project:0", "project:1"], &["project:0"], &["project:1"], &["project:2", "project:3"]];
+
+/// A pusher of the moving-rows test: batches of changes to shared rows that mostly move them to another
+/// project (or to none), sometimes delete or recreate them, with hlcs interleaved across pushers.
+fn run_moving_pusher(url: &str, pusher: usize) {
+    let mut client = Client::connect(url, NoTls).expect("pusher connects");
+    for batch in 0..BATCHES {
+        let changes: Vec<_> = (0..PER_BATCH)
+            .map(|i| {
+                let step = batch * PER_BATCH + i;
+                // A small deterministic mix of rows, projects and kinds of change per pusher and step.
+                let mix = (step * 2_654_435_761 + pusher * 40_503) % 1_000_003;
+                let row = (pusher * 13 + step * 7) % ROWS;
+                let hlc = hlc_ago(120_000 - step as i64 * 40 + (pusher as i64 * 17) % 40, pusher as u16);
+                let project = if mix % 6 == 5 { json!(null) } else { json!(mix % PROJECTS) };
+                let (op, value) = match mix % 10 {
+                    0 => (Op::Delete, json!({})),
+                    1 => (Op::Insert, json!({"project": project, "step": step, "by": pusher, "title": format!("row {row}")})),
+                    _ => (Op::Update, json!({"project": project, "step": step, "by": pusher})),
+                };
+                change(op, "task", &row.to_string(), hlc, &format!("device-{pusher}"), value)
+            })
+            .collect();
+        let response = push(&mut client, "acme", &changes).expect("push succeeds");
+        assert!(response.results.iter().all(|result| result.status.is_acknowledged()), "every change is acknowledged: {:?}", response.results);
+    }
+}
+
+/// A scoped device of the moving-rows test: its rows as it merged them, and the seqs it was given.
+#[derive(Default)]
+struct ScopedDevice {
+    rows: BTreeMap<String, RowState>,
+    cursor: i64,
+    seen: BTreeSet<i64>,
+}
+
+impl ScopedDevice {
+    /// Pulls one page of `instances` and applies it: a whole row replaces the device's, `leave` drops
+    /// it, an ordinary change merges. Returns whether the server has more.
+    fn sync_page(&mut self, client: &mut Client, instances: &[&str]) -> bool {
+        let page = pull_scoped(client, "acme", self.cursor, 7, instances).expect("scoped pull succeeds");
+        assert!(!page.reset || self.cursor == 0, "only the first pull is a reset (cursor {})", self.cursor);
+        for pulled in &page.changes {
+            if !page.reset {
+                assert!(pulled.seq > self.cursor, "seq {} arrives after the cursor {}", pulled.seq, self.cursor);
+                assert!(self.seen.insert(pulled.seq), "seq {} delivered twice to {instances:?}", pulled.seq);
+            }
+            if pulled.op == Op::Leave {
+                self.rows.remove(&pulled.pk);
+            } else if pulled.is_whole_row() {
+                self.rows.insert(pulled.pk.clone(), pulled.to_row_state().expect("a whole row"));
+            } else {
+                self.rows.entry(pulled.pk.clone()).or_default().apply(&pulled.to_change());
+            }
+        }
+        assert!(page.cursor >= self.cursor || page.cursor < 0, "the cursor never goes back");
+        self.cursor = page.cursor;
+        page.has_more
+    }
+
+    /// The rows it shows.
+    fn visible(&self) -> BTreeMap<String, serde_json::Map<String, serde_json::Value>> {
+        self.rows.iter().filter_map(|(pk, state)| state.visible().map(|row| (pk.clone(), row))).collect()
+    }
+}
+
+#[test]
+fn scoped_devices_pulling_while_rows_move_between_scopes_hold_exactly_their_instances_rows() {
+    let cluster = Cluster::start();
+    let url = cluster.create_database("sync");
+    cluster.connect("sync").batch_execute("SELECT sync_define_scope('project', 'task', 'project')").unwrap();
+    let finished = Arc::new(AtomicUsize::new(0));
+    let pushers: Vec<_> = (0..PUSHERS)
+        .map(|pusher| {
+            let (url, finished) = (url.clone(), finished.clone());
+            thread::spawn(move || {
+                run_moving_pusher(&url, pusher);
+                finished.fetch_add(1, Ordering::SeqCst);
+            })
+        })
+        .collect();
+    let pullers: Vec<_> = DEVICES
+        .iter()
+        .map(|&instances| {
+            let (url, finished) = (url.clone(), finished.clone());
+            thread::spawn(move || {
+                let mut client = Client::connect(&url, NoTls).expect("device connects");
+                let mut device = ScopedDevice::default();
+                let mut pulls = 0;
+                loop {
+                    let all_done = finished.load(Ordering::SeqCst) == PUSHERS;
+                    let has_more = device.sync_page(&mut client, instances);
+                    pulls += 1;
+                    if all_done && !has_more {
+                        break;
+                    }
+                }
+                assert!(pulls > 10, "the device pulled while the pushers ran ({pulls} pulls)");
+                device
+            })
+        })
+        .collect();
+    for pusher in pushers {
+        pusher.join().expect("pusher finishes");
+    }
+    let devices: Vec<ScopedDevice> = pullers.into_iter().map(|puller| puller.join().expect("device finishes")).collect();
+
+    let server = server_rows(&cluster, "acme", "task");
+    let in_instances = |instances: &[&str]| -> BTreeMap<_, _> {
+        server
+            .iter()
+            .filter(|(_, row)| row.get("project").and_then(serde_json::Value::as_u64).is_some_and(|p| instances.contains(&format!("project:{p}").as_str())))
+            .map(|(pk, row)| (pk.clone(), row.clone()))
+            .collect()
+    };
+    let moved: usize = cluster
+        .connect("sync")
+        .query_one("SELECT count(*)::int FROM sync_ext.scope_log WHERE tenant_id = 'acme' AND before <> after", &[])
+        .unwrap()
+        .get::<_, i32>(0) as usize;
+    assert!(moved > 50, "rows moved in and out of instances while the devices pulled ({moved} moves)");
+    for (device, instances) in devices.iter().zip(DEVICES) {
+        assert!(!device.visible().is_empty(), "{instances:?} holds rows");
+        assert_eq!(device.visible(), in_instances(instances), "{instances:?} holds exactly the server's rows of its instances");
+    }
+    let mut separately = devices[1].visible();
+    separately.extend(devices[2].visible());
+    assert_eq!(separately, devices[0].visible(), "pulling project:0 and project:1 apart gives the rows of pulling them together");
 }
