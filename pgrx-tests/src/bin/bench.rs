@@ -19,6 +19,8 @@ mod pull;
 mod push;
 #[path = "bench/scale.rs"]
 mod scale;
+#[path = "bench/scopes.rs"]
+mod scopes;
 #[path = "bench/storage.rs"]
 mod storage;
 #[path = "bench/targets.rs"]
@@ -38,7 +40,7 @@ struct SectionSpec {
 }
 
 /// Every section, in the order they run and appear.
-const SECTIONS: [SectionSpec; 12] = [
+const SECTIONS: [SectionSpec; 13] = [
     SectionSpec { name: "push", fsync: false, optional: false, run: push::push_section },
     SectionSpec { name: "growth", fsync: false, optional: false, run: push::growth_section },
     SectionSpec { name: "big-tenant", fsync: false, optional: false, run: push::big_tenant_section },
@@ -50,6 +52,7 @@ const SECTIONS: [SectionSpec; 12] = [
     SectionSpec { name: "storage", fsync: false, optional: false, run: storage::storage_section },
     SectionSpec { name: "scale", fsync: false, optional: false, run: scale::scale_section },
     SectionSpec { name: "memory", fsync: false, optional: false, run: pull::memory_section },
+    SectionSpec { name: "scopes", fsync: false, optional: false, run: scopes::scopes_section },
     // Needs Citus installed for PG_CONFIG (see scripts/citus-test.sh).
     SectionSpec { name: "citus", fsync: false, optional: true, run: citus::citus_section },
 ];

@@ -184,17 +184,34 @@ pub fn keys(prefix: &str, numbers: impl IntoIterator<Item = usize>) -> Vec<Strin
 /// Batches of `batch` changes to the rows `keys` of `model`. Inserts carry the bench's standard todo
 /// (five fields), updates change two fields, deletes carry no value.
 pub fn batches(stamps: &Stamps, write: Write, model: &str, keys: &[String], batch: usize) -> Vec<JsonbBody> {
+    batches_of(stamps, write, model, keys, batch, |n| match write {
+        Write::Insert => json!({"title": format!("todo {n}"), "done": false, "priority": n % 5,
+                                "tags": ["home", "errand"], "note": "pick up before 5pm"}),
+        Write::Update => json!({"done": true, "priority": (n + 1) % 5}),
+        Write::Delete => serde_json::Value::Null,
+    })
+}
+
+/// Batches of `batch` changes of kind `write` to the rows `keys` of `model`, each carrying the value
+/// `value_of` gives for the row's position in `keys`.
+pub fn batches_of(
+    stamps: &Stamps,
+    write: Write,
+    model: &str,
+    keys: &[String],
+    batch: usize,
+    value_of: impl Fn(usize) -> serde_json::Value,
+) -> Vec<JsonbBody> {
+    let op = match write {
+        Write::Insert => "insert",
+        Write::Update => "update",
+        Write::Delete => "delete",
+    };
     let changes: Vec<serde_json::Value> = keys
         .iter()
         .enumerate()
         .map(|(n, pk)| {
-            let (op, value) = match write {
-                Write::Insert => ("insert", json!({"title": format!("todo {n}"), "done": false, "priority": n % 5,
-                                                   "tags": ["home", "errand"], "note": "pick up before 5pm"})),
-                Write::Update => ("update", json!({"done": true, "priority": (n + 1) % 5})),
-                Write::Delete => ("delete", serde_json::Value::Null),
-            };
-            json!({"op_id": Uuid::new_v4(), "model": model, "pk": pk, "op": op, "hlc": stamps.next(), "actor": "bench", "value": value})
+            json!({"op_id": Uuid::new_v4(), "model": model, "pk": pk, "op": op, "hlc": stamps.next(), "actor": "bench", "value": value_of(n)})
         })
         .collect();
     changes.chunks(batch).map(|chunk| JsonbBody::new(&serde_json::Value::from(chunk.to_vec()))).collect()
