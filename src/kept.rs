@@ -3,7 +3,7 @@
 //!
 //! Whatever is kept is stamped with the [`generation`] it was read in and is stale once the generation
 //! moves on. It moves on when the relation cache invalidates a *watched* relation (or every relation):
-//! `sync_ext.grants`, `sync_ext.settings` and `sync_ext.models` (their statement triggers send an
+//! `sync_ext.grants`, `sync_ext.settings`, `sync_ext.models` and the scope tables (their statement triggers send an
 //! invalidation at commit, to other backends, and at once to this one) and every bound table (`ALTER
 //! TABLE` sends one). Invalidations arrive in the middle of catalog lookups, so the callback only reads
 //! the watched set and bumps a counter.
@@ -11,6 +11,7 @@
 use std::cell::{Cell, RefCell};
 use std::convert::Infallible;
 
+use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::prelude::*;
 
 thread_local! {
@@ -61,11 +62,20 @@ unsafe extern "C-unwind" fn forget_on_invalidation(_argument: pg_sys::Datum, rel
     }
 }
 
-/// The trigger of `sync_ext.grants`, `sync_ext.settings` and `sync_ext.models`: tells every backend that
-/// what it kept of them is stale (a relation cache invalidation, sent at commit).
+/// The trigger of `sync_ext.grants`, `sync_ext.settings`, `sync_ext.models`, `sync_ext.scopes` and
+/// `sync_ext.scope_grants`: tells every backend that what it kept of them is stale (a relation cache
+/// invalidation, sent at commit). On a Citus node it fires on the node's copy of the table (a shard of a
+/// reference table), so the table itself, which backends watch, is invalidated too.
 #[pg_trigger(sql = false)]
 fn access_changed<'a>(trigger: &'a PgTrigger<'a>) -> Result<Option<PgHeapTuple<'a, AllocatedByPostgres>>, Infallible> {
-    // SAFETY: queues an invalidation of the trigger's own table.
-    unsafe { pg_sys::CacheInvalidateRelcacheByRelid(trigger.relid().expect("a trigger has a table")) };
+    let relation = trigger.relid().expect("a trigger has a table");
+    // SAFETY: queues an invalidation of an existing relation.
+    unsafe { pg_sys::CacheInvalidateRelcacheByRelid(relation) };
+    match crate::citus::table_of_shard(relation) {
+        // SAFETY: as above.
+        Ok(Some(table)) => unsafe { pg_sys::CacheInvalidateRelcacheByRelid(table) },
+        Ok(None) => {}
+        Err(error) => ErrorReport::from(error).report(PgLogLevel::ERROR),
+    }
     Ok(None)
 }
