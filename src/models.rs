@@ -350,9 +350,9 @@ impl Model {
         self.fields.iter().enumerate().find(|(_, field)| field.name == name)
     }
 
-    /// Whether the model syncs the column `name` (the tenant column included).
+    /// Whether the model's values carry the column `name` (the tenant column is implied, not carried).
     pub fn syncs(&self, name: &str) -> bool {
-        self.field(name).is_some()
+        self.field(name).is_some() && self.tenant_column().is_none_or(|column| column.name != name)
     }
 
     /// Why a change naming the column `name` is refused when the model does not sync it.

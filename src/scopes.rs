@@ -85,9 +85,18 @@ fn define(scope: &str, model: &str, field: &str) -> SyncResult<()> {
     crate::storage::require_primary("sync_define_scope")?;
     // As the caller: only the owner (or a superuser) may write the definitions.
     let changed = Spi::connect_mut(|client| {
+        if let Some(bound) = crate::models::Model::load_named(client, &[model])?.remove(model) {
+            if !bound.syncs(field) {
+                return Err(SyncError::InvalidArgument {
+                    argument: "field",
+                    problem: format!("model {model} is bound to a table and syncs no column {field:?}, so no row would be in a {scope} instance"),
+                });
+            }
+        }
+        // `excluded.defined_at` is the column's default: Citus refuses functions in DO UPDATE on its tables.
         let written = client.update(
             "INSERT INTO sync_ext.scopes AS s (scope, model, field) VALUES ($1, $2, $3)
-             ON CONFLICT (scope, model) DO UPDATE SET field = excluded.field, defined_at = pg_catalog.now()
+             ON CONFLICT (scope, model) DO UPDATE SET field = excluded.field, defined_at = excluded.defined_at
               WHERE s.field OPERATOR(pg_catalog.<>) excluded.field
              RETURNING 1",
             None,
@@ -527,6 +536,18 @@ mod tests {
         assert_eq!(error_of("SELECT sync_define_scope('a', '', 'x')"), "22023: model: must not be empty");
         assert_eq!(error_of("SELECT sync_drop_scope('a', 'task')"), "42704: no scope a is defined for model task");
         assert_eq!(error_of("SELECT sync_grant_scope('postgres', 't', 'nothing')"), "22023: instance: expected <scope>:<value>, got nothing");
+        Spi::run(
+            "CREATE TABLE tasks (id int PRIMARY KEY, tenant_id text NOT NULL, project int, cost int);
+             SELECT sync_register_model('task', 'tasks', tenant_column => 'tenant_id', columns => ARRAY['project'])",
+        )
+        .unwrap();
+        for (field, problem) in [("cost", "\"cost\""), ("tenant_id", "\"tenant_id\""), ("colour", "\"colour\"")] {
+            assert_eq!(
+                error_of(&format!("SELECT sync_define_scope('p', 'task', '{field}')")),
+                format!("22023: field: model task is bound to a table and syncs no column {problem}, so no row would be in a p instance")
+            );
+        }
+        Spi::run("SELECT sync_define_scope('p', 'task', 'project')").unwrap();
         assert_eq!(pull_scoped("t", 0, 100, &["project:1"])["digests"], json!({"": "0000000000000000", "project:1": "0000000000000000"}), "without definitions every model is tenant-wide");
     }
 }

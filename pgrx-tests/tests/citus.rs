@@ -11,7 +11,7 @@ use postgres::fallible_iterator::FallibleIterator;
 use postgres::{Client, NoTls};
 use serde_json::{json, Value};
 use sync_ext_pgrx_tests::readme::run_section;
-use sync_ext_pgrx_tests::{change, hlc_ago, pull, pull_all, push, CitusCluster};
+use sync_ext_pgrx_tests::{change, hlc_ago, pull, pull_all, pull_scoped, push, CitusCluster};
 use sync_ext_protocol::{Op, PullResponse, Status};
 use uuid::Uuid;
 
@@ -114,6 +114,7 @@ fn the_readme_recipe_distributes_sync_and_every_function_works_through_the_coord
     grants_for_a_device(&cluster, &mut admin);
     wakeups_reach_every_node(&cluster, &mut admin);
     a_tenant_moves_to_the_other_worker(&cluster, &mut admin);
+    scoped_pulls(&cluster, &mut admin);
 }
 
 /// 4 pushers on one tenant while a puller follows it: every applied change is pulled once, in seq order,
@@ -528,4 +529,49 @@ fn a_connection_from_before_distribution_and_a_pooler_keep_syncing() {
         assert_eq!(pulled, Some((n + 1).to_string()), "{tenant}: tenants of sizes 1 to {TENANTS} through the pooler");
     }
     println!("a connection from before distribution syncs on; {TENANTS} tenants of sizes 1 to {TENANTS} through PgBouncer");
+}
+
+/// Scoped pulls through the coordinator, on a tenant of each worker: a reset of one instance, a row moving
+/// in (whole) and one moving out (`leave`), per-instance digests equal to the kept ones, the per-scope
+/// counts, and a device holding only a scope grant.
+fn scoped_pulls(cluster: &CitusCluster, admin: &mut Client) {
+    admin.batch_execute("SELECT sync_define_scope('project', 'task', 'project')").unwrap();
+    let first = cluster.node_of("sync_ext.tenants", &tenant(0));
+    let other = (1..TENANTS).find(|&n| cluster.node_of("sync_ext.tenants", &tenant(n)) != first).expect("a tenant on the other worker");
+    for tenant in [tenant(0), tenant(other)] {
+        let task = |pk: &str, ago: i64, value: Value| change(Op::Update, "task", pk, hlc_ago(ago, 0), "device", value);
+        push(admin, &tenant, &[task("a", 9_000, json!({"project": 1, "title": "a"})), task("b", 9_000, json!({"project": 2, "title": "b"})), task("c", 9_000, json!({"title": "c"}))])
+            .unwrap();
+        let bootstrap = pull_scoped(admin, &tenant, 0, 100, &["project:1"]).unwrap();
+        assert!(bootstrap.reset, "{tenant}: a scoped pull from 0 is a reset of the instance");
+        let pks: Vec<&str> = bootstrap.changes.iter().filter(|c| c.model == "task").map(|c| c.pk.as_str()).collect();
+        assert_eq!(pks, ["a"], "{tenant}: only the instance's row");
+        push(admin, &tenant, &[task("b", 8_000, json!({"done": true})), task("b", 7_000, json!({"project": 1})), task("a", 7_000, json!({"project": 3}))]).unwrap();
+        let next = pull_scoped(admin, &tenant, bootstrap.cursor, 100, &["project:1"]).unwrap();
+        let moves: Vec<(&str, Op, bool)> = next.changes.iter().map(|c| (c.pk.as_str(), c.op, c.is_whole_row())).collect();
+        assert_eq!(moves, [("b", Op::Insert, true), ("a", Op::Leave, false)], "{tenant}: b moves in whole, a leaves");
+        assert_eq!(next.changes[0].value.as_ref().unwrap()["done"], true, "{tenant}: the moved-in row carries the field written before the move");
+        let kept: String = admin
+            .query_one("SELECT lpad(to_hex(digest), 16, '0') FROM sync_ext.scope_digests WHERE tenant_id = $1 AND instance = 'project:1'", &[&tenant])
+            .unwrap()
+            .get(0);
+        assert_eq!(next.digests.as_ref().and_then(|d| d.get("project:1")), Some(&kept), "{tenant}: the instance's digest is the kept one");
+        let counted: i64 = admin.query_one("SELECT rows FROM sync_ext.scope_stats WHERE tenant_id = $1 AND instance = 'project:1'", &[&tenant]).unwrap().get(0);
+        assert_eq!(counted, 1, "{tenant}: scope_stats counts the instance's rows on the shards");
+    }
+    admin.batch_execute(&format!("CREATE ROLE scoped_device LOGIN; SELECT sync_grant_scope('scoped_device', '{}', 'project:1')", tenant(0))).unwrap();
+    let mut device = cluster.coordinator.connect_as("sync", "scoped_device");
+    let page = pull_scoped(&mut device, &tenant(0), 0, 100, &["project:1"]).expect("a granted instance");
+    let rows: Vec<(&str, Op)> = page.changes.iter().filter(|c| c.model == "task").map(|c| (c.pk.as_str(), c.op)).collect();
+    assert_eq!(rows, [("b", Op::Insert), ("a", Op::Leave)], "the instance's row, and a leave for the row whose last change took it out");
+    for error in [pull(&mut device, &tenant(0), 0, 100).unwrap_err(), pull_scoped(&mut device, &tenant(0), 0, 100, &["project:2"]).unwrap_err()] {
+        assert_eq!(sqlstate(&error).as_deref(), Some("42501"), "{error:?}");
+    }
+    let escape = push(&mut device, &tenant(0), &[change(Op::Update, "task", "b", hlc_ago(0, 0), "scoped_device", json!({"project": 2}))]).unwrap();
+    assert!(matches!(&escape.results[0].status, Status::Rejected { reason, .. } if reason == "out_of_scope"), "{escape:?}");
+    // The revocation reaches the node the device's calls already run on (whose backend kept the grants).
+    admin.batch_execute(&format!("SELECT sync_revoke_scope('scoped_device', '{}', 'project:1')", tenant(0))).unwrap();
+    let revoked = pull_scoped(&mut device, &tenant(0), 0, 100, &["project:1"]).unwrap_err();
+    assert_eq!(sqlstate(&revoked).as_deref(), Some("42501"), "{revoked:?}");
+    println!("scoped pulls: reset, move-in, leave, digests and scope_stats on both workers; a scope-only device through the coordinator, then revoked");
 }
