@@ -90,3 +90,57 @@ fn twenty_clients_through_pgbouncer_in_transaction_mode_all_arrive_and_converge(
     let server_connections = bouncer.log().matches("new connection to server").count();
     assert!((1..=5).contains(&server_connections), "{} clients shared at most the pool's 5 server connections: {server_connections}", CLIENTS + 2);
 }
+
+/// Devices holding one project each, through the pooler: each writes tasks into its project and moves one
+/// into the next project; after the syncs every device holds exactly the server's tasks of its project,
+/// its instance digests match, and a subscription made through the pooler bootstraps only the new instance.
+#[test]
+fn scoped_devices_through_pgbouncer_hold_their_instances_rows_as_rows_move() {
+    const PROJECTS: usize = 3;
+    let cluster = Cluster::start();
+    cluster.create_database("sync");
+    cluster.connect("sync").batch_execute("SELECT sync_define_scope('project', 'task', 'project_id')").unwrap();
+    let bouncer = cluster.start_pgbouncer();
+    let pooled = bouncer.connection_string("sync");
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let devices: Vec<(usize, SyncClient<PgRemote>)> = (0..2 * PROJECTS)
+        .map(|n| {
+            let project = n % PROJECTS;
+            let builder = SyncClient::builder().tenant("acme").actor(format!("device-{n}")).local(LocalStore::memory()).remote(PgRemote::new(&pooled));
+            (project, builder.scopes([format!("project:{project}")]).pull_page(3).build().unwrap())
+        })
+        .collect();
+    let tasks = |client: &SyncClient<PgRemote>| -> BTreeMap<String, Row> { client.list::<Row>("task").expect("local rows").into_iter().collect() };
+    let server_tasks = |project: usize| -> BTreeMap<String, Row> {
+        sync_ext_pgrx_tests::server_rows(&cluster, "acme", "task").into_iter().filter(|(_, row)| row["project_id"] == json!(project)).collect()
+    };
+    runtime.block_on(async {
+        for (n, (project, device)) in devices.iter().enumerate() {
+            for i in 0..3 {
+                device.insert("task", &format!("{n}-{i}"), &json!({"project_id": project, "title": format!("task {i} of device {n}")})).unwrap();
+            }
+            device.sync().await.unwrap();
+        }
+        for (n, (project, device)) in devices.iter().enumerate() {
+            device.update("task", &format!("{n}-0"), &json!({"project_id": (project + 1) % PROJECTS})).unwrap();
+            device.sync().await.unwrap();
+        }
+        for (project, device) in devices.iter().chain(devices.iter()) {
+            let report = device.sync().await.unwrap();
+            assert!(!report.repaired, "project {project}: the instance digests matched");
+        }
+        for (n, (project, device)) in devices.iter().enumerate() {
+            let expected = server_tasks(*project);
+            assert_eq!(expected.len(), 6, "project {project}: 2 devices x 3 tasks, one moved out, one moved in");
+            assert_eq!(tasks(device), expected, "device {n} holds its project's tasks");
+            assert_eq!(device.pending().unwrap(), 0);
+        }
+        let (_, first) = &devices[0];
+        first.subscribe(["project:1"]).await.unwrap();
+        let mut both = server_tasks(0);
+        both.extend(server_tasks(1));
+        assert_eq!(tasks(first), both, "a subscription through the pooler adds the new instance's rows");
+    });
+    let server_connections = bouncer.log().matches("new connection to server").count();
+    assert!((1..=5).contains(&server_connections), "the devices shared the pool's server connections: {server_connections}");
+}
