@@ -156,11 +156,22 @@ answer AS (
                 ELSE greatest(mode.last_seq, $2) END AS cursor
       FROM mode, page)
 SELECT changes, cursor, has_more, reset,
-       CASE WHEN NOT has_more AND cursor = last_seq THEN
-            (SELECT jsonb_object_agg(i.instance, lpad(to_hex(coalesce(d.digest, 0)), 16, '0'))
-               FROM unnest($5::text[]) AS i(instance)
-               LEFT JOIN sync_ext.scope_digests AS d ON d.tenant_id = $1 AND d.instance = i.instance) END AS digests
-  FROM answer", moved_in = whole_row("e.seq"), current = whole_row("s.seq")));
+       CASE WHEN NOT has_more AND cursor = last_seq THEN {digests} END AS digests
+  FROM answer", moved_in = whole_row("e.seq"), current = whole_row("s.seq"), digests = INSTANCE_DIGESTS));
+
+/// A scoped pull from the tenant's last seq, where nothing can follow: the page [`PULL_SCOPED`] would
+/// give (no change, the cursor kept, the digests), without planning its scan; no row when the cursor is
+/// anywhere else (or needs a reset).
+static PULL_SCOPED_QUIET: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| format!("
+SELECT '[]'::jsonb, $2, false, false, {INSTANCE_DIGESTS}
+  FROM sync_ext.tenants AS t
+ WHERE t.tenant_id = $1 AND $2 > 0 AND $2 = t.last_seq AND $2 >= t.horizon AND $2 >= t.scope_horizon"));
+
+/// The digests of the listed instances (`$5`), as `{"<instance>": "<16 hex digits>"}`.
+const INSTANCE_DIGESTS: &str = "
+       (SELECT jsonb_object_agg(i.instance, lpad(to_hex(coalesce(d.digest, 0)), 16, '0'))
+          FROM unnest($5::text[]) AS i(instance)
+          LEFT JOIN sync_ext.scope_digests AS d ON d.tenant_id = $1 AND d.instance = i.instance)";
 
 /// The most instances one scoped pull may list.
 pub const MAX_PULL_SCOPES: usize = 1000;
@@ -272,8 +283,11 @@ fn pull_page<T>(tenant: &str, since: i64, max_changes: i32, scopes: Option<Vec<S
             if indexed {
                 args.push(listed.clone().into());
             }
-            let sql = if indexed { &*PULL_SCOPED } else { &*PULL_PAGE };
-            let row = crate::plans::select(client, sql, Some(1), &args)?.first();
+            let quiet = indexed.then(|| crate::plans::select(client, &PULL_SCOPED_QUIET, Some(1), &args)).transpose()?.filter(|rows| !rows.is_empty());
+            let row = match quiet {
+                Some(rows) => rows.first(),
+                None => crate::plans::select(client, if indexed { &*PULL_SCOPED } else { &*PULL_PAGE }, Some(1), &args)?.first(),
+            };
             let changes = row.get_datum_by_ordinal(1)?.ok_or(pgrx::spi::Error::InvalidPosition)?;
             let mut page = Page {
                 // SAFETY: a jsonb the statement built; detoasting keeps it in SPI's memory, which lives

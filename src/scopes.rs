@@ -396,6 +396,9 @@ mod tests {
         push("t", json!([task(3, "2", "update", "01.000", "a", json!({"title": "busy elsewhere"}))]));
         let quiet = pull_scoped("t", cursor, 100, &["project:1"]);
         assert_eq!((quiet["changes"].clone(), quiet["cursor"].clone()), (json!([]), json!(3)), "the cursor moves to the tenant's last seq");
+        let idle = pull_scoped("t", 3, 100, &["project:1"]);
+        assert_eq!(idle, json!({"changes": [], "cursor": 3, "has_more": false, "digests": quiet["digests"]}), "from the last seq: the same page, digests too");
+        assert!(quiet["digests"]["project:1"].as_str().is_some_and(|digest| digest != "0000000000000000"));
         push("t", json!([task(4, "1", "delete", "02.000", "a", Value::Null)]));
         let deleted = pull_scoped("t", 3, 100, &["project:1"]);
         assert_eq!(ops(&deleted), [("1".to_owned(), "delete".to_owned())], "a delete, not a leave");
