@@ -2,7 +2,7 @@
 //! pull of a tenant the size of that instance, and what two scope definitions on a model add to its pushes.
 
 use std::fmt::Write as _;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use postgres::types::ToSql;
 use postgres::{Client, Statement};
@@ -32,7 +32,7 @@ const PULLED_INSTANCE: &str = "project:7";
 
 const SCOPED_PULL: &str = "SELECT sync_pull($1, $2, $3, $4)";
 
-/// Pulls per contender per run.
+/// Pulls per contender per repetition.
 const CALLS: usize = 200;
 
 /// The push comparison's (batch, inserts), then the batch and size of the updates moving rows between projects.
@@ -54,13 +54,18 @@ fn push_tasks(client: &mut Client, stamps: &Stamps, tenant: &str, model: &str, r
     push_all(client, &statement, tenant, &batches_of(stamps, Write::Update, model, &keys, 1000, |n| json!({"done": true, "priority": (n + 1) % 5})));
 }
 
-/// Microseconds per call of `statement` with `params`, [`CALLS`] calls.
-fn micros_per_call(client: &mut Client, statement: &Statement, params: &[&(dyn ToSql + Sync)]) -> f64 {
-    let started = Instant::now();
-    for _ in 0..CALLS {
-        client.query_one(statement, params).expect("a pull");
+/// Microseconds per call of the scoped and of the unscoped pull, the calls alternating (so that the
+/// machine's ups and downs fall on both alike): the median of [`REPETITIONS`] × [`CALLS`] calls each.
+fn alternating_micros(client: &mut Client, contenders: [(&Statement, &[&(dyn ToSql + Sync)]); 2]) -> [f64; 2] {
+    let mut micros = [Vec::new(), Vec::new()];
+    for _ in 0..REPETITIONS * CALLS {
+        for (slot, (statement, params)) in contenders.iter().enumerate() {
+            let started = Instant::now();
+            client.query_one(*statement, params).expect("a pull");
+            micros[slot].push(started.elapsed().as_secs_f64() * 1e6);
+        }
     }
-    started.elapsed().as_secs_f64() * 1e6 / CALLS as f64
+    micros.map(median)
 }
 
 /// How many changes a pull returns (to check that both contenders do the same work).
@@ -108,13 +113,14 @@ pub fn scopes_section(bench: &Bench) -> Section {
          definitions: `project` and `owner`), each task inserted then updated through sync_push in batches of 1,000 that \
          interleave the projects ({} changes in its log); tenant `{FLAT}` holds {} tasks of a model without definitions, \
          pushed the same way. A device pulls the instance `{PULLED_INSTANCE}` of `{BUSY}` (`max_changes` 1,000, one page) \
-         against the unscoped pull of the whole of `{FLAT}`: the same rows and changes. Microseconds per call, {CALLS} calls \
-         per run, {REPETITIONS} runs alternating (median).\n\n",
+         against the unscoped pull of the whole of `{FLAT}`: the same rows and changes. Microseconds per call, the two pulls \
+         alternating call by call, the median of {} calls each.\n\n",
         grouped(INSTANCES),
         grouped(rows_per_instance),
         grouped(INSTANCES * rows_per_instance),
         grouped(busy_last as usize),
         grouped(rows_per_instance),
+        grouped(REPETITIONS * CALLS),
     );
     report.push_str("| pull | changes | scoped, 1 instance of 1,000 | unscoped, tenant of its size | time over unscoped |\n|---|---:|---:|---:|---:|\n");
     let mut targets = Vec::new();
@@ -123,12 +129,7 @@ pub fn scopes_section(bench: &Bench) -> Section {
         let flat_params: [&(dyn ToSql + Sync); 3] = [&FLAT, &case.flat_since, &page];
         let (scoped_changes, flat_changes) = (pulled_changes(&mut client, &scoped, &scoped_params), pulled_changes(&mut client, &unscoped, &flat_params));
         assert_eq!(scoped_changes, flat_changes, "{}: both pulls must return the same number of changes", case.name);
-        let (mut ours, mut baseline) = (Vec::new(), Vec::new());
-        for _ in 0..REPETITIONS {
-            ours.push(micros_per_call(&mut client, &scoped, &scoped_params));
-            baseline.push(micros_per_call(&mut client, &unscoped, &flat_params));
-        }
-        let (ours, baseline) = (median(ours), median(baseline));
+        let [ours, baseline] = alternating_micros(&mut client, [(&scoped, &scoped_params), (&unscoped, &flat_params)]);
         eprintln!("[bench]   {}: scoped {ours:.0} µs vs unscoped {baseline:.0} µs", case.name);
         writeln!(report, "| {} | {scoped_changes} | {ours:.0} µs | {baseline:.0} µs | {:.2}× |", case.name, ours / baseline).unwrap();
         let workload = format!("scoped pull of 1 instance among 1,000, {}, time vs an unscoped pull of a tenant its size", case.name.split(':').next().unwrap());
@@ -152,7 +153,7 @@ fn push_overhead(client: &mut Client, stamps: &Stamps) -> (String, Vec<Target>) 
         "\nPushes to `{SCOPED_MODEL}` (two scope definitions, so each row is in a `project:` and an `owner:` instance of {projects} \
          projects and 7 members) against the same pushes to `{UNSCOPED_MODEL}` (none), one connection, a fresh tenant per run: {} \
          inserts, and {} updates in batches of {} that move every row to another project (its rows inserted first, untimed). \
-         Changes per second, {REPETITIONS} runs alternating (median).\n\n",
+         Changes per second, the two tenants' batches pushed in turn, {REPETITIONS} runs (median).\n\n",
         batch_sizes(&PUSH_BATCHES),
         grouped(size(MOVES.1)),
         MOVES.0
@@ -163,7 +164,8 @@ fn push_overhead(client: &mut Client, stamps: &Stamps) -> (String, Vec<Target>) 
         let moves = name.starts_with("updates");
         let mut rates = [Vec::new(), Vec::new()];
         for _ in 0..REPETITIONS {
-            for (slot, model) in [UNSCOPED_MODEL, SCOPED_MODEL].into_iter().enumerate() {
+            // A fresh tenant per model; their timed batches alternate, one of each in turn.
+            let runs = [UNSCOPED_MODEL, SCOPED_MODEL].map(|model| {
                 let tenant = fresh_name();
                 let keys = keys("task-", 0..rows);
                 let timed: Vec<JsonbBody> = if moves {
@@ -172,7 +174,16 @@ fn push_overhead(client: &mut Client, stamps: &Stamps) -> (String, Vec<Target>) 
                 } else {
                     batches_of(stamps, Write::Insert, model, &keys, batch, |n| task(n, projects))
                 };
-                rates[slot].push(rows as f64 / push_all(client, &statement, &tenant, &timed).as_secs_f64());
+                (tenant, timed)
+            });
+            let mut elapsed = [Duration::ZERO; 2];
+            for batch in 0..runs[0].1.len() {
+                for (slot, (tenant, timed)) in runs.iter().enumerate() {
+                    elapsed[slot] += push_all(client, &statement, tenant, std::slice::from_ref(&timed[batch]));
+                }
+            }
+            for slot in 0..2 {
+                rates[slot].push(rows as f64 / elapsed[slot].as_secs_f64());
             }
         }
         let [unscoped, scoped] = rates.map(median);
