@@ -286,7 +286,7 @@ fn pull_page<T>(tenant: &str, since: i64, max_changes: i32, scopes: Option<Vec<S
             let quiet = indexed.then(|| crate::plans::select(client, &PULL_SCOPED_QUIET, Some(1), &args)).transpose()?.filter(|rows| !rows.is_empty());
             let row = match quiet {
                 Some(rows) => rows.first(),
-                None => crate::plans::select(client, if indexed { &*PULL_SCOPED } else { &*PULL_PAGE }, Some(1), &args)?.first(),
+                None => crate::plans::select(client, if indexed { &PULL_SCOPED } else { &PULL_PAGE }, Some(1), &args)?.first(),
             };
             let changes = row.get_datum_by_ordinal(1)?.ok_or(pgrx::spi::Error::InvalidPosition)?;
             let mut page = Page {
