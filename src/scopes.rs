@@ -336,6 +336,29 @@ mod tests {
     }
 
     #[pg_test]
+    fn fields_and_values_with_quotes_spaces_colons_and_unicode_place_rows_like_any_other() {
+        Spi::run(
+            "CREATE TABLE teams (id int PRIMARY KEY, tenant_id text NOT NULL, \"Team \"\"Name\"\"\" text);
+             SELECT sync_register_model('team', 'teams', tenant_column => 'tenant_id');
+             SELECT sync_define_scope('team', 'team', 'Team \"Name\"');
+             SELECT sync_define_scope('proj', 'task', 'Pro\"jekt Nr ü');",
+        )
+        .unwrap();
+        push("t", json!([task(1, "1", "insert", "00.000", "a", json!({"Pro\"jekt Nr ü": "a:b \"c\"", "title": "quoted"}))]));
+        Spi::run("INSERT INTO teams VALUES (1, 't', 'x y'), (2, 't', 'élan')").unwrap();
+        let first = pull_scoped("t", 0, 100, &["proj:a:b \"c\"", "team:x y"]);
+        let mut held: Vec<(String, String)> = first["changes"].as_array().unwrap().iter().map(|c| (c["model"].as_str().unwrap().into(), c["pk"].as_str().unwrap().into())).collect();
+        held.sort();
+        assert_eq!(held, [("task".to_owned(), "1".to_owned()), ("team".to_owned(), "1".to_owned())], "{first}");
+        Spi::run("UPDATE teams SET \"Team \"\"Name\"\"\" = 'élan' WHERE id = 1").unwrap();
+        let moved = pull_scoped("t", first["cursor"].as_i64().unwrap(), 100, &["team:x y"]);
+        assert_eq!(ops(&moved), [("1".to_owned(), "leave".to_owned())], "the row left team:x y");
+        let joined = pull_scoped("t", first["cursor"].as_i64().unwrap(), 100, &["team:élan"]);
+        assert_eq!(ops(&joined), [("1".to_owned(), "insert".to_owned())], "and moved into team:élan whole");
+        assert_eq!(joined["changes"][0]["value"]["Team \"Name\""], "élan");
+    }
+
+    #[pg_test]
     fn rows_are_in_the_instances_of_their_fields_and_tenant_wide_models_in_every_pull() {
         define_workspace_scopes();
         let mut label = change(9, "l1", "insert", "00.000", "a", json!({"name": "urgent"}));
