@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use postgres::types::ToSql;
 use postgres::{Client, NoTls};
 use serde_json::{json, Value};
-use sync_ext_pgrx_tests::{change, hlc_ago, pull, pull_all, push, Cluster};
+use sync_ext_pgrx_tests::{change, hlc_ago, pull, pull_all, pull_scoped, push, Cluster};
 use sync_ext_protocol::{Change, Hlc, Op, PullResponse, PushResponse, Status};
 
 const ACME_TODO: &str = "7f1e8c3a-0000-4000-8000-00000000a001";
@@ -984,4 +984,95 @@ fn a_cancelled_push_is_an_error_not_a_rejection() {
     expect_error(pushing.join().unwrap(), "57014", "a push cancelled with pg_cancel_backend");
     assert_eq!(scene.tenant_state("acme"), acme, "nothing was logged or written");
     scene.assert_witness_unchanged(&before);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Scope grants
+// ---------------------------------------------------------------------------------------------------
+
+/// A device granted one scope instance, set up as the README's Partial sync section says (a LOGIN role
+/// and `sync_grant_scope`), given TEMP and a schema of its own.
+const SCOPED_DEVICE: &str = "
+    SELECT sync_define_scope('project', 'task', 'project_id');
+    CREATE ROLE eve LOGIN;
+    SELECT sync_grant_scope('eve', 'acme', 'project:1');
+    CREATE SCHEMA eve AUTHORIZATION eve;
+";
+
+/// What eve plants before syncing: look-alikes of the scope tables first on her search path and in
+/// pg_temp, shadows of the functions the engine calls, and a JWT claim naming instances she was not granted.
+const SCOPED_DEVICE_SHADOWS: &str = r#"
+    CREATE TABLE eve.scopes (scope text, model text, field text);
+    INSERT INTO eve.scopes VALUES ('project', 'task', 'title');
+    CREATE TABLE eve.scope_grants (tenant_id text, role regrole, instance text);
+    INSERT INTO eve.scope_grants VALUES ('acme', 'eve', 'project:2'), ('globex', 'eve', 'project:1');
+    CREATE TEMP TABLE scope_log (tenant_id text, instance text, seq bigint, before boolean, after boolean);
+    SET request.jwt.claims = '{"scopes": ["project:2"], "tenant": "globex"}';
+"#;
+
+fn task(pk: &str, value: Value) -> Change {
+    change(Op::Update, "task", pk, hlc_now(), "eve-phone", value)
+}
+
+#[test]
+fn a_device_granted_one_scope_reaches_only_it_whatever_it_plants_in_its_session() {
+    let mut scene = Scene::new();
+    scene.admin.batch_execute(SCOPED_DEVICE).unwrap();
+    for (tenant, pk, project) in [("acme", "t1", 1), ("acme", "t2", 2), ("globex", "g1", 1)] {
+        push(&mut scene.admin, tenant, &[task(pk, json!({"project_id": project, "title": format!("{tenant} {pk}")}))]).unwrap();
+    }
+    let before = scene.witness();
+    let grants = |scene: &mut Scene| -> String {
+        scene.admin.query_one("SELECT string_agg(g::text, ';' ORDER BY g::text) FROM sync_ext.scope_grants AS g", &[]).unwrap().get(0)
+    };
+    let (grants_before, t2_before) = (grants(&mut scene), scene.tenant_state("acme").contains("acme t2"));
+    let mut eve = scene.cluster.connect_with_options("sync", "eve", "-c search_path=eve,pg_catalog,public -c statement_timeout=30s");
+    eve.batch_execute(SCOPED_DEVICE_SHADOWS).unwrap();
+    eve.batch_execute(SHADOW_IN_PG_TEMP).unwrap();
+    eve.batch_execute(SHADOW_CATALOGS_WITH_TEMP_VIEWS).unwrap();
+
+    let mut broken = Breaches::default();
+    let mine = pull_all_scoped(&mut eve, "acme", &["project:1"]);
+    let expected = BTreeSet::from([ACME_TODO.to_owned(), "a1".to_owned(), "t1".to_owned()]);
+    broken.check(mine.as_ref() == Ok(&expected), || format!("eve's pull of project:1 (its task, acme's tenant-wide todo and note): {mine:?}"));
+    let written = push(&mut eve, "acme", &[task("t1", json!({"title": "eve's edit"})), task("t3", json!({"project_id": 1, "title": "new"})), note(Op::Insert, "e1", "a note")]);
+    broken.check(matches!(&written, Ok(r) if statuses(r) == ["applied", "applied", "applied"]), || format!("eve's writes inside project:1: {written:?}"));
+    let escapes = push(&mut eve, "acme", &[task("t1", json!({"project_id": 2})), task("t2", json!({"title": "hijacked"})), task("t4", json!({"project_id": 2}))]);
+    let all_out_of_scope = |r: &PushResponse| r.results.iter().all(|result| matches!(&result.status, Status::Rejected { reason } if reason == "out_of_scope"));
+    broken.check(matches!(&escapes, Ok(r) if all_out_of_scope(r)), || format!("eve's writes leaving or outside project:1: {escapes:?}"));
+
+    let refused: [(&str, Result<Value, postgres::Error>); 9] = [
+        ("the whole tenant", pull(&mut eve, "acme", 0, 100).map(|_| Value::Null)),
+        ("an ungranted instance", pull_scoped(&mut eve, "acme", 0, 100, &["project:2"]).map(|_| Value::Null)),
+        ("another tenant's instance", pull_scoped(&mut eve, "globex", 0, 100, &["project:1"]).map(|_| Value::Null)),
+        ("sync_compact", eve.query_one("SELECT sync_compact('acme')", &[]).map(|row| row.get(0))),
+        ("sync_grant_scope", eve.query_one("SELECT sync_grant_scope('eve', 'acme', 'project:2')::text", &[]).map(|_| Value::Null)),
+        ("sync_define_scope", eve.query_one("SELECT sync_define_scope('project', 'task', 'title')::text", &[]).map(|_| Value::Null)),
+        ("sync_register_model", eve.query_one("SELECT sync_register_model('evil', 'eve.scopes', tenant => 'acme', columns => '{}')::text", &[]).map(|_| Value::Null)),
+        ("reading the scope index", eve.query_one("SELECT count(*)::text FROM sync_ext.scope_log", &[]).map(|_| Value::Null)),
+        ("reading the log", eve.query_one("SELECT count(*)::text FROM sync_ext.op_log", &[]).map(|_| Value::Null)),
+    ];
+    for (what, result) in refused {
+        broken.expect_error(result, "42501", "", what);
+    }
+    let still_mine = pull_all_scoped(&mut eve, "acme", &["project:1"]);
+    broken.check(matches!(&still_mine, Ok(pks) if pks.contains("t3") && pks.contains("t1") && !pks.contains("t2")), || format!("eve's pull after the attempts: {still_mine:?}"));
+    broken.check(grants(&mut scene) == grants_before, || "the scope grants changed".into());
+    broken.check(scene.tenant_state("acme").contains("acme t2") == t2_before, || "acme's task outside project:1 changed".into());
+    scene.assert_no_escalation("eve");
+    broken.assert_none();
+    scene.assert_witness_unchanged(&before);
+}
+
+/// The pks of the rows a device holding `instances` gets from a scoped pull from 0, to the end.
+fn pull_all_scoped(client: &mut Client, tenant: &str, instances: &[&str]) -> Result<BTreeSet<String>, String> {
+    let (mut cursor, mut rows) = (0, BTreeSet::new());
+    loop {
+        let page = pull_scoped(client, tenant, cursor, 2, instances).map_err(|error| describe(&error))?;
+        rows.extend(page.changes.iter().filter(|change| change.op != Op::Leave && change.op != Op::Delete).map(|change| change.pk.clone()));
+        cursor = page.cursor;
+        if !page.has_more {
+            return Ok(rows);
+        }
+    }
 }
