@@ -254,7 +254,7 @@ mod tests {
     use serde_json::{json, Map, Value};
     use sync_ext_protocol::digest::row_digest;
     use sync_ext_protocol::scope::{ScopeDefinition, Scopes};
-    use sync_ext_protocol::{Op, PullResponse, RowState};
+    use sync_ext_protocol::{PullResponse, RowState};
 
     use crate::testing::{change, error_of, pull, pull_scoped, push, statuses};
 
@@ -287,12 +287,8 @@ mod tests {
                 }
                 for pulled in &response.changes {
                     let key = (pulled.model.clone(), pulled.pk.clone());
-                    if pulled.op == Op::Leave {
-                        self.rows.remove(&key);
-                    } else if pulled.is_whole_row() {
-                        self.rows.insert(key, pulled.to_row_state().unwrap());
-                    } else {
-                        self.rows.entry(key).or_default().apply(&pulled.to_change());
+                    if let Some(state) = pulled.apply_to(self.rows.remove(&key)).unwrap() {
+                        self.rows.insert(key, state);
                     }
                 }
                 self.cursor = response.cursor;

@@ -41,10 +41,8 @@ fn device_rows(client: &mut Client, tenant: &str, model: &str) -> BTreeMap<Strin
     let all = pull_all(client, tenant, 0, 7).unwrap();
     let mut rows: BTreeMap<String, sync_ext_protocol::RowState> = BTreeMap::new();
     for pulled in all.changes.iter().filter(|pulled| pulled.model == model) {
-        if all.reset {
-            rows.insert(pulled.pk.clone(), pulled.to_row_state().unwrap());
-        } else {
-            rows.entry(pulled.pk.clone()).or_default().apply(&pulled.to_change());
+        if let Some(state) = pulled.apply_to(rows.remove(&pulled.pk)).unwrap() {
+            rows.insert(pulled.pk.clone(), state);
         }
     }
     rows.into_iter().filter_map(|(pk, row)| row.visible().map(|value| (pk, Value::Object(value)))).collect()

@@ -165,8 +165,8 @@ struct ScopedDevice {
 }
 
 impl ScopedDevice {
-    /// Pulls one page of `instances` and applies it: a whole row replaces the device's, `leave` drops
-    /// it, an ordinary change merges. Returns whether the server has more.
+    /// Pulls one page of `instances` and applies it as a replica must (`PulledChange::apply_to`).
+    /// Returns whether the server has more.
     fn sync_page(&mut self, client: &mut Client, instances: &[&str]) -> bool {
         let page = pull_scoped(client, "acme", self.cursor, 7, instances).expect("scoped pull succeeds");
         assert!(!page.reset || self.cursor == 0, "only the first pull is a reset (cursor {})", self.cursor);
@@ -175,12 +175,8 @@ impl ScopedDevice {
                 assert!(pulled.seq > self.cursor, "seq {} arrives after the cursor {}", pulled.seq, self.cursor);
                 assert!(self.seen.insert(pulled.seq), "seq {} delivered twice to {instances:?}", pulled.seq);
             }
-            if pulled.op == Op::Leave {
-                self.rows.remove(&pulled.pk);
-            } else if pulled.is_whole_row() {
-                self.rows.insert(pulled.pk.clone(), pulled.to_row_state().expect("a whole row"));
-            } else {
-                self.rows.entry(pulled.pk.clone()).or_default().apply(&pulled.to_change());
+            if let Some(state) = pulled.apply_to(self.rows.remove(&pulled.pk)).expect("a whole row decodes") {
+                self.rows.insert(pulled.pk.clone(), state);
             }
         }
         assert!(page.cursor >= self.cursor || page.cursor < 0, "the cursor never goes back");

@@ -117,6 +117,21 @@ impl PulledChange {
         self.field_stamps.is_some()
     }
 
+    /// What a replica holds of the row after this change, given what it `held`: a `leave` drops the row,
+    /// a whole row replaces it, any other change merges into it. (A replica with unsent changes of the row
+    /// merges them on top again, as the client crate does.)
+    pub fn apply_to(&self, held: Option<RowState>) -> Result<Option<RowState>, String> {
+        if self.op == Op::Leave {
+            return Ok(None);
+        }
+        if self.is_whole_row() {
+            return self.to_row_state().map(Some);
+        }
+        let mut state = held.unwrap_or_default();
+        state.apply(&self.to_change());
+        Ok(Some(state))
+    }
+
     /// The full merge state of a row sent in a reset page (or moving into a scoped pull's instances).
     pub fn to_row_state(&self) -> Result<RowState, String> {
         StoredRow {
@@ -153,4 +168,32 @@ pub struct PullResponse {
     /// each listed instance, and under `""` ([`crate::scope::TENANT_WIDE`]) of the tenant-wide rows.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub digests: Option<std::collections::BTreeMap<String, String>>,
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn pulled(op: &str, hlc: &str, value: Value, whole: bool) -> PulledChange {
+        let mut change = json!({"seq": 1, "op_id": Uuid::nil(), "model": "task", "pk": "1", "op": op,
+                                "hlc": format!("2026-01-01T00:00:{hlc}Z-0000"), "actor": "a", "value": value});
+        if whole {
+            change["field_stamps"] = json!({});
+        }
+        serde_json::from_value(change).expect("a pulled change")
+    }
+
+    #[test]
+    fn a_leave_drops_a_whole_row_replaces_and_any_other_change_merges() {
+        let held = pulled("insert", "01.000", json!({"title": "a", "done": false}), false).apply_to(None).unwrap();
+        let merged = pulled("update", "02.000", json!({"done": true}), false).apply_to(held.clone()).unwrap().unwrap();
+        assert_eq!(merged.visible(), json!({"title": "a", "done": true}).as_object().cloned());
+        let older = pulled("update", "00.500", json!({"done": true}), false).apply_to(held.clone()).unwrap().unwrap();
+        assert_eq!(older.visible(), held.clone().unwrap().visible(), "an older change loses the merge");
+        let replaced = pulled("insert", "00.500", json!({"title": "b"}), true).apply_to(held.clone()).unwrap().unwrap();
+        assert_eq!(replaced.visible(), json!({"title": "b"}).as_object().cloned(), "a whole row replaces, whatever its stamps");
+        assert_eq!(pulled("leave", "03.000", Value::Null, false).apply_to(held).unwrap(), None);
+    }
 }
