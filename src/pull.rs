@@ -17,7 +17,9 @@
 //! cursor back, and tries again later; restores are detected where pushes go, on the primary.
 
 use pgrx::pg_sys::panic::ErrorReport;
+use pgrx::datum::DatumWithOid;
 use pgrx::prelude::*;
+use pgrx::spi::{SpiClient, SpiResult, SpiTupleTable};
 use pgrx::JsonB;
 use sync_ext_protocol::validate_tenant;
 
@@ -90,55 +92,66 @@ fn whole_row(seq: &str) -> String {
     )
 }
 
-/// A scoped page, read in one statement from the scope index (`$5`: the listed instances and `''`):
-/// the first `$3 + 1` index entries after the cursor (after `-$2` mid-reset, after 0 in a reset) over
-/// all listed instances, each with whether its row was in a listed instance before and after it. Out of
-/// a reset an entry is the logged change, the row's whole state (it moved in) or a `leave` (it moved out);
-/// in a reset only the entries that are their row's current seq give anything: the row, or a `leave` if
-/// the row's last change took it out. The page keeps the entries that fit the limits, as [`PULL_PAGE`];
-/// the cursor is the last entry kept, or when none is left the tenant's last seq.
-static PULL_SCOPED: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| format!("
-WITH t AS (
+/// How a scoped pull continues from its cursor, decided from the tenant row: `quiet` (it is the tenant's
+/// last seq, so nothing can follow), `reset` (it cannot be continued from the log, as in [`PULL_PAGE`],
+/// or it is below the scope horizon), or neither (it continues from the scope index).
+const SCOPED_MODE: &str = "
+t AS (
     SELECT coalesce(max(last_seq), 0) AS last_seq, coalesce(max(horizon), 0) AS horizon, coalesce(max(scope_horizon), 0) AS scope_horizon
       FROM sync_ext.tenants WHERE tenant_id = $1),
 mode AS (
-    SELECT ($2 <= 0 OR $2 < t.horizon OR $2 < t.scope_horizon OR ($2 > t.last_seq AND NOT pg_is_in_recovery())) AS reset, t.last_seq
-      FROM t),
+    SELECT ($2 <= 0 OR $2 < t.horizon OR $2 < t.scope_horizon OR ($2 > t.last_seq AND NOT pg_is_in_recovery())) AS reset,
+           ($2 > 0 AND $2 = t.last_seq AND $2 >= t.horizon AND $2 >= t.scope_horizon) AS quiet, t.last_seq
+      FROM t)";
+
+/// The first statement of a scoped pull: its mode (`reset`, and `quiet` last) and, when it is quiet, the
+/// whole page (no change, the cursor kept, the digests), so that an idle device costs one small statement.
+static PULL_SCOPED_MODE: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| format!("
+WITH {SCOPED_MODE}
+SELECT '[]'::jsonb, $2, false, mode.reset, CASE WHEN mode.quiet THEN {INSTANCE_DIGESTS} END, mode.quiet
+  FROM mode"));
+
+/// The first `$3 + 1` scope index entries after `after` over the listed instances (`$5`), in seq order,
+/// each with whether its row was in a listed instance before and after it (the entries of a row in two
+/// listed instances are one).
+fn examined(after: &str) -> String {
+    format!("
 examined AS (
     SELECT l.seq, bool_or(l.before) AS was_in, bool_or(l.after) AS is_in
       FROM unnest($5::text[]) AS i(instance)
      CROSS JOIN LATERAL (
            SELECT seq, before, after FROM sync_ext.scope_log
-            WHERE tenant_id = $1 AND instance = i.instance
-              AND seq > CASE WHEN $2 < 0 THEN -$2 WHEN (SELECT reset FROM mode) THEN 0 ELSE $2 END
+            WHERE tenant_id = $1 AND instance = i.instance AND seq > {after}
             ORDER BY seq
             LIMIT $3 + 1) AS l
      GROUP BY l.seq
      ORDER BY l.seq
-     LIMIT $3 + 1),
-changes AS (
-    SELECT e.seq,
-           CASE WHEN e.was_in AND e.is_in
-                THEN jsonb_build_object('seq', o.seq, 'op_id', o.op_id, 'model', o.model, 'pk', o.pk, 'op', o.op,
-                                        'hlc', o.hlc, 'actor', o.actor, 'value', o.payload)
-                WHEN e.is_in AND s.id IS NOT NULL THEN {moved_in}
-                ELSE jsonb_build_object('seq', o.seq, 'op_id', o.op_id, 'model', o.model, 'pk', o.pk, 'op', 'leave',
-                                        'hlc', o.hlc, 'actor', o.actor, 'value', NULL) END AS change
-      FROM examined AS e
-      JOIN sync_ext.op_log AS o ON o.tenant_id = $1 AND o.seq = e.seq
-      -- Only a move-in reads the row's snapshot (OFFSET 0 keeps the condition a gate on the lookup).
-      LEFT JOIN LATERAL (SELECT * FROM sync_ext.snapshots AS s
-                          WHERE e.is_in AND NOT e.was_in AND s.tenant_id = $1 AND s.model = o.model AND s.id = o.pk OFFSET 0) AS s ON true
-     WHERE NOT (SELECT reset FROM mode)
-    UNION ALL
-    SELECT e.seq,
-           CASE WHEN s.seq IS NULL THEN NULL
-                WHEN e.is_in THEN {current}
-                ELSE jsonb_build_object('seq', s.seq, 'op_id', s.op_id, 'model', s.model, 'pk', s.id, 'op', 'leave',
-                                        'hlc', s.hlc, 'actor', s.actor, 'value', NULL) END
-      FROM examined AS e
-      LEFT JOIN sync_ext.snapshots AS s ON s.tenant_id COLLATE \"C\" = $1 AND s.seq = e.seq
-     WHERE (SELECT reset FROM mode)),
+     LIMIT $3 + 1)")
+}
+
+/// [`examined`] when `$5` lists one instance and the tenant-wide one, whose entries never share a seq (a
+/// row of a scoped model is never tenant-wide): the two index ranges merged in seq order, without grouping.
+fn examined_one(after: &str) -> String {
+    let range = |position: u8| {
+        format!(
+            "(SELECT seq, before AS was_in, after AS is_in FROM sync_ext.scope_log
+               WHERE tenant_id = $1 AND instance = ($5::text[])[{position}] AND seq > {after}
+               ORDER BY seq
+               LIMIT $3 + 1)"
+        )
+    };
+    format!("
+examined AS (
+    SELECT * FROM ({} UNION ALL {}) AS entries
+     ORDER BY seq
+     LIMIT $3 + 1)", range(1), range(2))
+}
+
+/// The page of a scoped statement's `changes` (`seq`, and `change`: null for an entry that gives nothing),
+/// after the CTEs of [`SCOPED_MODE`]: the entries that fit the limits, kept as [`PULL_PAGE`] keeps them,
+/// and the cursor, `more` while entries are left and `done` when none is.
+fn scoped_page(reset: &str, more: &str, done: &str) -> String {
+    format!("
 fetched AS (
     SELECT seq, change, row_number() OVER w AS n, sum(coalesce(pg_column_size(change), 0)) OVER w AS bytes
       FROM changes
@@ -150,22 +163,100 @@ page AS (
            max(seq) FILTER (WHERE kept) AS last_kept
       FROM (SELECT seq, change, n <= $3 AND (n = 1 OR bytes <= $4) AS kept FROM fetched) AS marked),
 answer AS (
-    SELECT page.changes, page.fetched > page.kept AS has_more, mode.reset, mode.last_seq,
-           CASE WHEN page.fetched > page.kept THEN CASE WHEN mode.reset THEN -page.last_kept ELSE page.last_kept END
-                WHEN mode.reset THEN mode.last_seq
-                ELSE greatest(mode.last_seq, $2) END AS cursor
+    SELECT page.changes, page.fetched > page.kept AS has_more, {reset} AS reset, mode.last_seq,
+           CASE WHEN page.fetched > page.kept THEN {more} ELSE {done} END AS cursor
       FROM mode, page)
 SELECT changes, cursor, has_more, reset,
-       CASE WHEN NOT has_more AND cursor = last_seq THEN {digests} END AS digests
-  FROM answer", moved_in = whole_row("e.seq"), current = whole_row("s.seq"), digests = INSTANCE_DIGESTS));
+       CASE WHEN NOT has_more AND cursor = last_seq THEN {INSTANCE_DIGESTS} END AS digests
+  FROM answer")
+}
 
-/// A scoped pull from the tenant's last seq, where nothing can follow: the page [`PULL_SCOPED`] would
-/// give (no change, the cursor kept, the digests), without planning its scan; no row when the cursor is
-/// anywhere else (or needs a reset).
-static PULL_SCOPED_QUIET: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| format!("
-SELECT '[]'::jsonb, $2, false, false, {INSTANCE_DIGESTS}
-  FROM sync_ext.tenants AS t
- WHERE t.tenant_id = $1 AND $2 > 0 AND $2 = t.last_seq AND $2 >= t.horizon AND $2 >= t.scope_horizon"));
+/// A scoped page continued from the log, in one statement, which decides the mode again in its own
+/// snapshot (after a compaction since [`PULL_SCOPED_MODE`] it answers `reset` and no change). Each entry
+/// examined is the logged change, the row's whole state (it moved in: only then is its snapshot read) or
+/// a `leave` (it moved out). The cursor is the last entry kept, or when none is left the tenant's last seq.
+fn pull_scoped_log(examined: fn(&str) -> String) -> String {
+    format!(
+        "
+WITH {SCOPED_MODE},{examined},
+changes AS MATERIALIZED (
+    SELECT e.seq,
+           CASE WHEN e.was_in AND e.is_in
+                THEN jsonb_build_object('seq', o.seq, 'op_id', o.op_id, 'model', o.model, 'pk', o.pk, 'op', o.op,
+                                        'hlc', o.hlc, 'actor', o.actor, 'value', o.payload)
+                WHEN e.is_in
+                THEN coalesce((SELECT {moved_in} FROM sync_ext.snapshots AS s
+                                WHERE s.tenant_id = $1 AND s.model = o.model AND s.id = o.pk), {LEAVE})
+                ELSE {LEAVE} END AS change
+      FROM examined AS e
+      JOIN sync_ext.op_log AS o ON o.tenant_id = $1 AND o.seq = e.seq
+     WHERE NOT (SELECT reset FROM mode)),{page}",
+        examined = examined("$2"),
+        moved_in = whole_row("e.seq"),
+        page = scoped_page("mode.reset", "page.last_kept", "greatest(mode.last_seq, $2)"),
+    )
+}
+
+/// A logged change `o` as the `leave` of its row.
+const LEAVE: &str = "jsonb_build_object('seq', o.seq, 'op_id', o.op_id, 'model', o.model, 'pk', o.pk, 'op', 'leave',
+                                 'hlc', o.hlc, 'actor', o.actor, 'value', NULL)";
+
+/// A scoped reset page, in one statement: the index entries after `-$2` (mid-reset) or after 0. An entry
+/// that is its row's current seq gives the row, or a `leave` if the row's last change took it out. The
+/// cursor is `-S` while entries are left (rows through seq S sent), then the tenant's last seq.
+fn pull_scoped_reset(examined: fn(&str) -> String) -> String {
+    format!(
+        "
+WITH {SCOPED_MODE},{examined},
+changes AS MATERIALIZED (
+    SELECT e.seq,
+           CASE WHEN s.seq IS NOT NULL AND e.is_in THEN {current}
+                WHEN s.seq IS NOT NULL
+                THEN jsonb_build_object('seq', s.seq, 'op_id', s.op_id, 'model', s.model, 'pk', s.id, 'op', 'leave',
+                                        'hlc', s.hlc, 'actor', s.actor, 'value', NULL)
+                END AS change
+      FROM examined AS e
+      LEFT JOIN sync_ext.snapshots AS s ON s.tenant_id COLLATE \"C\" = $1 AND s.seq = e.seq),{page}",
+        examined = examined("CASE WHEN $2 < 0 THEN -$2 ELSE 0 END"),
+        current = whole_row("s.seq"),
+        page = scoped_page("true", "-page.last_kept", "mode.last_seq"),
+    )
+}
+
+/// The page statements of scoped pulls that examine the index one way.
+struct ScopedPages {
+    log: String,
+    reset: String,
+}
+
+impl ScopedPages {
+    fn new(examined: fn(&str) -> String) -> Self {
+        ScopedPages { log: pull_scoped_log(examined), reset: pull_scoped_reset(examined) }
+    }
+
+    /// For the listed instances (`listed`, the tenant-wide one last).
+    fn listing(listed: &[String]) -> &'static ScopedPages {
+        static ANY: std::sync::LazyLock<ScopedPages> = std::sync::LazyLock::new(|| ScopedPages::new(examined));
+        static ONE: std::sync::LazyLock<ScopedPages> = std::sync::LazyLock::new(|| ScopedPages::new(examined_one));
+        if listed.len() == 2 { &ONE } else { &ANY }
+    }
+
+    /// The row of a scoped page: the mode statement's when the pull is quiet, else the log statement's,
+    /// or the reset statement's when either of the others finds that the cursor needs a reset.
+    fn page_row<'conn>(&self, client: &SpiClient<'conn>, args: &[DatumWithOid<'_>]) -> SpiResult<SpiTupleTable<'conn>> {
+        let mode = crate::plans::select(client, &PULL_SCOPED_MODE, Some(1), args)?.first();
+        if mode.get::<bool>(6)? == Some(true) {
+            return Ok(mode);
+        }
+        if mode.get::<bool>(4)? != Some(true) {
+            let page = crate::plans::select(client, &self.log, Some(1), args)?.first();
+            if page.get::<bool>(4)? != Some(true) {
+                return Ok(page);
+            }
+        }
+        Ok(crate::plans::select(client, &self.reset, Some(1), args)?.first())
+    }
+}
 
 /// The digests of the listed instances (`$5`), as `{"<instance>": "<16 hex digits>"}`.
 const INSTANCE_DIGESTS: &str = "
@@ -283,10 +374,9 @@ fn pull_page<T>(tenant: &str, since: i64, max_changes: i32, scopes: Option<Vec<S
             if indexed {
                 args.push(listed.clone().into());
             }
-            let quiet = indexed.then(|| crate::plans::select(client, &PULL_SCOPED_QUIET, Some(1), &args)).transpose()?.filter(|rows| !rows.is_empty());
-            let row = match quiet {
-                Some(rows) => rows.first(),
-                None => crate::plans::select(client, if indexed { &PULL_SCOPED } else { &PULL_PAGE }, Some(1), &args)?.first(),
+            let row = match &listed {
+                Some(listed) if indexed => ScopedPages::listing(listed).page_row(client, &args)?,
+                _ => crate::plans::select(client, &PULL_PAGE, Some(1), &args)?.first(),
             };
             let changes = row.get_datum_by_ordinal(1)?.ok_or(pgrx::spi::Error::InvalidPosition)?;
             let mut page = Page {
@@ -361,6 +451,7 @@ fn tenant_digest(tenant: &str) -> SyncResult<u64> {
 #[pg_schema]
 mod tests {
     use pgrx::prelude::*;
+    use pgrx::JsonB;
     use serde_json::{json, Value};
 
     use crate::testing::{change, error_of, pull, push};
@@ -414,6 +505,43 @@ mod tests {
         let reset = pull("t", 0, 1000);
         assert_eq!((reset["reset"].clone(), reset["digest"].clone()), (json!(true), digest_of_rows("t")), "a reset's last page has it too");
         assert_ne!(reset["digest"], "0000000000000000");
+    }
+
+    #[pg_test]
+    fn the_statements_for_one_instance_answer_as_those_for_any_from_every_cursor() {
+        Spi::run("SELECT sync_define_scope('project', 'task', 'project_id'); SELECT sync_define_scope('owner', 'task', 'owner')").unwrap();
+        let task = |n: u32, pk: &str, op: &str, hlc: &str, value: Value| {
+            let mut change = change(n, pk, op, hlc, "a", value);
+            change["model"] = json!("task");
+            change
+        };
+        push("t", json!([task(1, "1", "insert", "00.000", json!({"project_id": 1, "owner": "ann"})), task(2, "2", "insert", "00.000", json!({"project_id": 2})),
+                         change(3, "n", "insert", "00.000", "a", json!({"tenant": "wide"})), task(4, "1", "update", "01.000", json!({"project_id": 2})),
+                         task(5, "2", "update", "01.000", json!({"project_id": 1, "title": "moved"})), task(6, "3", "insert", "01.000", json!({"project_id": 1})),
+                         task(7, "1", "update", "02.000", json!({"project_id": 1})), task(8, "3", "delete", "02.000", Value::Null),
+                         task(9, "2", "update", "02.000", json!({"project_id": null})), change(10, "n", "update", "02.000", "a", json!({"more": 1}))]));
+        let page = |statement: &str, since: i64, max_changes: i32| -> Value {
+            Spi::connect(|client| {
+                let listed = vec!["project:1".to_owned(), String::new()];
+                let args = ["t".into(), since.into(), max_changes.into(), (1 << 20).into(), listed.into()];
+                let row = client.select(statement, Some(1), &args)?.first();
+                Ok::<_, pgrx::spi::Error>(json!([row.get::<JsonB>(1)?.map(|changes| changes.0), row.get::<i64>(2)?, row.get::<bool>(3)?,
+                                                 row.get::<bool>(4)?, row.get::<JsonB>(5)?.map(|digests| digests.0)]))
+            })
+            .unwrap()
+        };
+        let (one, any) = (super::ScopedPages::listing(&["project:1".into(), String::new()]), super::ScopedPages::listing(&[]));
+        let mut delivered = 0;
+        for since in -11..=11 {
+            for max_changes in [1, 2, 1000] {
+                for (name, of_one, of_any) in [("log", &one.log, &any.log), ("reset", &one.reset, &any.reset)] {
+                    let expected = page(of_any, since, max_changes);
+                    assert_eq!(page(of_one, since, max_changes), expected, "{name} page from {since}, at most {max_changes}");
+                    delivered += expected[0].as_array().map_or(0, Vec::len);
+                }
+            }
+        }
+        assert!(delivered > 50, "the pages held changes ({delivered})");
     }
 
     #[pg_test]
