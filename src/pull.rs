@@ -202,8 +202,10 @@ const LEAVE: &str = "jsonb_build_object('seq', o.seq, 'op_id', o.op_id, 'model',
                                  'hlc', o.hlc, 'actor', o.actor, 'value', NULL)";
 
 /// A scoped reset page, in one statement: the index entries after `-$2` (mid-reset) or after 0. An entry
-/// that is its row's current seq gives the row, or a `leave` if the row's last change took it out. The
-/// cursor is `-S` while entries are left (rows through seq S sent), then the tenant's last seq.
+/// that is its row's current seq gives the row, or a `leave` if the row's last change took it out; past
+/// the first page, an entry that took its row out gives its `leave` even when later changes followed
+/// (the row may be one an earlier page sent). The cursor is `-S` while entries are left (rows through
+/// seq S sent), then the tenant's last seq.
 fn pull_scoped_reset(examined: fn(&str) -> String) -> String {
     format!(
         "
@@ -214,7 +216,8 @@ changes AS MATERIALIZED (
                 WHEN s.seq IS NOT NULL
                 THEN jsonb_build_object('seq', s.seq, 'op_id', s.op_id, 'model', s.model, 'pk', s.id, 'op', 'leave',
                                         'hlc', s.hlc, 'actor', s.actor, 'value', NULL)
-                END AS change
+                WHEN $2 < 0 AND e.was_in AND NOT e.is_in
+                THEN (SELECT {LEAVE} FROM sync_ext.op_log AS o WHERE o.tenant_id = $1 AND o.seq = e.seq) END AS change
       FROM examined AS e
       LEFT JOIN sync_ext.snapshots AS s ON s.tenant_id COLLATE \"C\" = $1 AND s.seq = e.seq),{page}",
         examined = examined("CASE WHEN $2 < 0 THEN -$2 ELSE 0 END"),

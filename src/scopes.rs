@@ -470,6 +470,24 @@ mod tests {
     }
 
     #[pg_test]
+    fn a_row_sent_early_in_a_reset_that_leaves_and_changes_again_before_the_reset_ends_leaves_the_device() {
+        define_workspace_scopes();
+        push("t", json!([task(1, "1", "insert", "00.000", "a", json!({"project_id": 1})), task(2, "2", "insert", "00.000", "a", json!({"project_id": 1}))]));
+        let mut device = Device::default();
+        let first = pull_scoped("t", 0, 1, &["project:1"]);
+        assert_eq!((first["reset"].clone(), ops(&first)), (json!(true), vec![("1".to_owned(), "insert".to_owned())]));
+        let page: PullResponse = serde_json::from_value(first).unwrap();
+        let held = page.changes[0].apply_to(None).unwrap().unwrap();
+        device.rows.insert(("task".into(), "1".into()), held);
+        device.cursor = page.cursor;
+        // While the reset is paged, the row sent moves out, then changes again where the device cannot see it.
+        push("t", json!([task(3, "1", "update", "01.000", "a", json!({"project_id": 2})), task(4, "1", "update", "02.000", "a", json!({"title": "elsewhere"}))]));
+        device.sync("t", &["project:1"], 1);
+        assert_eq!(device.visible(), server_rows_in("t", &["project:1"]), "the row that left is gone, the other one arrived");
+        assert_eq!(device.visible().keys().collect::<Vec<_>>(), ["task/2"]);
+    }
+
+    #[pg_test]
     fn each_instance_has_a_digest_kept_on_every_write() {
         define_workspace_scopes();
         push("t", json!([
