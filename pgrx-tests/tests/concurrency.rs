@@ -8,6 +8,7 @@ use std::thread;
 use postgres::{Client, NoTls};
 use serde_json::json;
 use sync_ext_pgrx_tests::{change, hlc_ago, pull, pull_all, pull_scoped, push, server_rows, Cluster};
+use sync_ext_protocol::wire::REASON_STALE;
 use sync_ext_protocol::{Op, RowState, Status};
 use uuid::Uuid;
 
@@ -131,8 +132,9 @@ const PROJECTS: usize = 4;
 const DEVICES: [&[&str]; 4] = [&["project:0", "project:1"], &["project:0"], &["project:1"], &["project:2", "project:3"]];
 
 /// A pusher of the moving-rows test: batches of changes to shared rows that mostly move them to another
-/// project (or to none), sometimes delete or recreate them, with hlcs interleaved across pushers.
-fn run_moving_pusher(url: &str, pusher: usize) {
+/// project (or to none), sometimes delete or recreate them, with hlcs interleaved across pushers. While
+/// the log is compacted, a change stamped at or before the compacted entries may be refused `stale`.
+fn run_moving_pusher(url: &str, pusher: usize, compacting: bool) {
     let mut client = Client::connect(url, NoTls).expect("pusher connects");
     for batch in 0..BATCHES {
         let changes: Vec<_> = (0..PER_BATCH)
@@ -152,7 +154,12 @@ fn run_moving_pusher(url: &str, pusher: usize) {
             })
             .collect();
         let response = push(&mut client, "acme", &changes).expect("push succeeds");
-        assert!(response.results.iter().all(|result| result.status.is_acknowledged()), "every change is acknowledged: {:?}", response.results);
+        let refused_stale = |status: &Status| compacting && *status == Status::Rejected { reason: REASON_STALE.into() };
+        assert!(
+            response.results.iter().all(|result| result.status.is_acknowledged() || refused_stale(&result.status)),
+            "every change is acknowledged: {:?}",
+            response.results
+        );
     }
 }
 
@@ -162,6 +169,10 @@ struct ScopedDevice {
     rows: BTreeMap<String, RowState>,
     cursor: i64,
     seen: BTreeSet<i64>,
+    /// The resets it was given after its first pull.
+    resets: usize,
+    /// The `leave` changes it was given outside resets (rows moving out of its instances).
+    leaves: usize,
 }
 
 impl ScopedDevice {
@@ -169,11 +180,17 @@ impl ScopedDevice {
     /// Returns whether the server has more.
     fn sync_page(&mut self, client: &mut Client, instances: &[&str]) -> bool {
         let page = pull_scoped(client, "acme", self.cursor, 7, instances).expect("scoped pull succeeds");
-        assert!(!page.reset || self.cursor == 0, "only the first pull is a reset (cursor {})", self.cursor);
+        if page.reset && self.cursor > 0 {
+            // The log below the cursor was compacted: the device starts over from the rows the reset sends.
+            self.resets += 1;
+            self.rows.clear();
+            self.seen.clear();
+        }
         for pulled in &page.changes {
             if !page.reset {
                 assert!(pulled.seq > self.cursor, "seq {} arrives after the cursor {}", pulled.seq, self.cursor);
                 assert!(self.seen.insert(pulled.seq), "seq {} delivered twice to {instances:?}", pulled.seq);
+                self.leaves += usize::from(pulled.op == Op::Leave);
             }
             if let Some(state) = pulled.apply_to(self.rows.remove(&pulled.pk)).expect("a whole row decodes") {
                 self.rows.insert(pulled.pk.clone(), state);
@@ -192,6 +209,19 @@ impl ScopedDevice {
 
 #[test]
 fn scoped_devices_pulling_while_rows_move_between_scopes_hold_exactly_their_instances_rows() {
+    let devices = scoped_devices_pulling_while_rows_move(false);
+    assert!(devices.iter().all(|device| device.resets == 0), "only the first pull is a reset");
+}
+
+#[test]
+fn scoped_devices_reset_by_compactions_while_rows_move_still_hold_exactly_their_instances_rows() {
+    let devices = scoped_devices_pulling_while_rows_move(true);
+    assert!(devices.iter().map(|device| device.resets).sum::<usize>() > 0, "compactions overtook the devices' cursors");
+}
+
+/// Pushers move rows between projects while the scoped [`DEVICES`] pull (and, when `compacting`, the log
+/// is compacted over and over); afterwards each device holds exactly the server's rows of its instances.
+fn scoped_devices_pulling_while_rows_move(compacting: bool) -> Vec<ScopedDevice> {
     let cluster = Cluster::start();
     let url = cluster.create_database("sync");
     cluster.connect("sync").batch_execute("SELECT sync_define_scope('project', 'task', 'project')").unwrap();
@@ -200,7 +230,7 @@ fn scoped_devices_pulling_while_rows_move_between_scopes_hold_exactly_their_inst
         .map(|pusher| {
             let (url, finished) = (url.clone(), finished.clone());
             thread::spawn(move || {
-                run_moving_pusher(&url, pusher);
+                run_moving_pusher(&url, pusher, compacting);
                 finished.fetch_add(1, Ordering::SeqCst);
             })
         })
@@ -217,6 +247,10 @@ fn scoped_devices_pulling_while_rows_move_between_scopes_hold_exactly_their_inst
                     let all_done = finished.load(Ordering::SeqCst) == PUSHERS;
                     let has_more = device.sync_page(&mut client, instances);
                     pulls += 1;
+                    if compacting && !all_done {
+                        // Slower than the pushers, so that compactions overtake its cursor.
+                        thread::sleep(std::time::Duration::from_millis(10));
+                    }
                     if all_done && !has_more {
                         break;
                     }
@@ -226,8 +260,27 @@ fn scoped_devices_pulling_while_rows_move_between_scopes_hold_exactly_their_inst
             })
         })
         .collect();
+    // Entries logged more than 300 ms ago are compacted, so compactions keep raising the horizon over the
+    // cursors of devices behind it (and the pushers' stamps, 40 ms apart per change, run far ahead of
+    // the compacted ones').
+    let compactor = compacting.then(|| {
+        let (url, finished) = (url.clone(), finished.clone());
+        thread::spawn(move || {
+            let mut client = Client::connect(&url, NoTls).expect("compactor connects");
+            let mut removing = 0;
+            while finished.load(Ordering::SeqCst) < PUSHERS {
+                let compacted: serde_json::Value = client.query_one("SELECT sync_compact('acme', '300 milliseconds')", &[]).expect("compaction succeeds").get(0);
+                removing += usize::from(compacted["removed"].as_i64() > Some(0));
+                thread::sleep(std::time::Duration::from_millis(20));
+            }
+            removing
+        })
+    });
     for pusher in pushers {
         pusher.join().expect("pusher finishes");
+    }
+    if let Some(compactor) = compactor {
+        assert!(compactor.join().expect("compactor finishes") > 0, "compactions removed entries while the devices pulled");
     }
     let devices: Vec<ScopedDevice> = pullers.into_iter().map(|puller| puller.join().expect("device finishes")).collect();
 
@@ -239,12 +292,8 @@ fn scoped_devices_pulling_while_rows_move_between_scopes_hold_exactly_their_inst
             .map(|(pk, row)| (pk.clone(), row.clone()))
             .collect()
     };
-    let moved: usize = cluster
-        .connect("sync")
-        .query_one("SELECT count(*)::int FROM sync_ext.scope_log WHERE tenant_id = 'acme' AND before <> after", &[])
-        .unwrap()
-        .get::<_, i32>(0) as usize;
-    assert!(moved > 50, "rows moved in and out of instances while the devices pulled ({moved} moves)");
+    let left: usize = devices.iter().map(|device| device.leaves).sum();
+    assert!(left > 50, "rows moved out of the devices' instances while they pulled ({left} leaves)");
     for (device, instances) in devices.iter().zip(DEVICES) {
         assert!(!device.visible().is_empty(), "{instances:?} holds rows");
         assert_eq!(device.visible(), in_instances(instances), "{instances:?} holds exactly the server's rows of its instances");
@@ -252,4 +301,5 @@ fn scoped_devices_pulling_while_rows_move_between_scopes_hold_exactly_their_inst
     let mut separately = devices[1].visible();
     separately.extend(devices[2].visible());
     assert_eq!(separately, devices[0].visible(), "pulling project:0 and project:1 apart gives the rows of pulling them together");
+    devices
 }
