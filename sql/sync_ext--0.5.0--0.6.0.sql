@@ -33,17 +33,21 @@ SELECT pg_catalog.pg_extension_config_dump('sync_ext.scope_grants', '');
 -- in seq order, so it costs what it returns, whatever the tenant's other instances hold. Empty while no
 -- scope is defined.
 -- Instances compare bytewise (the index is read, never shown in order), and the key carries before and
--- after so that a pull reads the index alone.
+-- after so that a pull reads the index alone. log_tid is where the entry's op_log row was written: a
+-- pull reads that row directly (the log is append-only) and checks that it is the entry's, and looks it
+-- up by its key when it is not (after a rewrite of op_log such as VACUUM FULL, or a restore) or when
+-- there is none (entries written by a rebuild, or on a distributed install).
 CREATE TABLE sync_ext.scope_log (
     tenant_id text    NOT NULL,
     instance  text    COLLATE "C" NOT NULL,
     seq       bigint  NOT NULL,
     before    boolean NOT NULL,
     after     boolean NOT NULL,
-    PRIMARY KEY (tenant_id, instance, seq) INCLUDE (before, after)
+    log_tid   tid,
+    PRIMARY KEY (tenant_id, instance, seq) INCLUDE (before, after, log_tid)
 );
 COMMENT ON TABLE sync_ext.scope_log IS
-    'Per log entry, the scope instances its row was in before (before) and after (after) the change; '''' for tenant-wide models.';
+    'Per log entry, the scope instances its row was in before (before) and after (after) the change; '''' for tenant-wide models. log_tid: where its op_log row was written (a hint, checked on use).';
 SELECT pg_catalog.pg_extension_config_dump('sync_ext.scope_log', '');
 
 -- The digest of each instance's visible rows, kept on every write as the tenant's digest is.

@@ -34,6 +34,9 @@ fn compact(tenant: &str, keep: Interval) -> SyncResult<serde_json::Value> {
             let tombstones = removed(client, tenant, &keep, TOMBSTONE_HISTORY)?;
             let dropped = client.update(DROPPED_TOMBSTONES, None, &[tenant.into()])?.first().get_one::<i64>()?.unwrap_or(0);
             client.update(UNLOGGED_INDEX_ENTRIES, None, &[tenant.into()])?;
+            if !crate::citus::distributed() {
+                client.update(RENOTED_LOG_ROWS, None, &[tenant.into()])?;
+            }
             let horizon = client
                 .update(
                     "UPDATE sync_ext.tenants SET horizon = greatest(horizon, $2), horizon_hlc = greatest(horizon_hlc, $3 COLLATE \"C\")
@@ -95,6 +98,14 @@ const UNLOGGED_INDEX_ENTRIES: &str = "
 DELETE FROM sync_ext.scope_log AS l
  WHERE l.tenant_id = $1
    AND NOT EXISTS (SELECT FROM sync_ext.op_log AS o WHERE o.tenant_id = $1 AND o.seq = l.seq)";
+
+/// The index entries whose log row is no longer where they say (op_log was rewritten: VACUUM FULL,
+/// CLUSTER, a restore) or that say nothing (a rebuild wrote them) learn where it is, so that scoped
+/// pulls read it directly again (on a distributed install entries note nothing, see `sync_ext.scope_log`).
+const RENOTED_LOG_ROWS: &str = "
+UPDATE sync_ext.scope_log AS l SET log_tid = o.ctid
+  FROM sync_ext.op_log AS o
+ WHERE l.tenant_id = $1 AND o.tenant_id = $1 AND o.seq = l.seq AND l.log_tid IS DISTINCT FROM o.ctid";
 
 #[cfg(any(test, feature = "pg_test"))]
 #[pg_schema]

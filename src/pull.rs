@@ -112,15 +112,15 @@ SELECT '[]'::jsonb, $2, false, mode.reset, CASE WHEN mode.quiet THEN {INSTANCE_D
   FROM mode"));
 
 /// The first `$3 + 1` scope index entries after `after` over the listed instances (`$5`), in seq order,
-/// each with whether its row was in a listed instance before and after it (the entries of a row in two
-/// listed instances are one).
+/// each with whether its row was in a listed instance before and after it, and where its log row was
+/// written (the entries of a row in two listed instances are one).
 fn examined(after: &str) -> String {
     format!("
 examined AS (
-    SELECT l.seq, bool_or(l.before) AS was_in, bool_or(l.after) AS is_in
+    SELECT l.seq, bool_or(l.before) AS was_in, bool_or(l.after) AS is_in, max(l.log_tid) AS log_tid
       FROM unnest($5::text[]) AS i(instance)
      CROSS JOIN LATERAL (
-           SELECT seq, before, after FROM sync_ext.scope_log
+           SELECT seq, before, after, log_tid FROM sync_ext.scope_log
             WHERE tenant_id = $1 AND instance = i.instance AND seq > {after}
             ORDER BY seq
             LIMIT $3 + 1) AS l
@@ -134,7 +134,7 @@ examined AS (
 fn examined_one(after: &str) -> String {
     let range = |position: u8| {
         format!(
-            "(SELECT seq, before AS was_in, after AS is_in FROM sync_ext.scope_log
+            "(SELECT seq, before AS was_in, after AS is_in, log_tid FROM sync_ext.scope_log
                WHERE tenant_id = $1 AND instance = ($5::text[])[{position}] AND seq > {after}
                ORDER BY seq
                LIMIT $3 + 1)"
@@ -147,39 +147,64 @@ examined AS (
      LIMIT $3 + 1)", range(1), range(2))
 }
 
-/// The page of a scoped statement's `changes` (`seq`, and `change`: null for an entry that gives nothing),
-/// after the CTEs of [`SCOPED_MODE`]: the entries that fit the limits, kept as [`PULL_PAGE`] keeps them,
-/// and the cursor, `more` while entries are left and `done` when none is.
+/// Ends the `changes` of a scoped statement: in the order `examined` gives, which the joins keep, and
+/// whole (`OFFSET 0`), so that each change is built once and the page's window reads it without sorting.
+const IN_SEQ_ORDER: &str = "ORDER BY e.seq OFFSET 0";
+
+/// The page of a scoped statement's `changes` (`seq`; `change`, null for an entry that gives nothing;
+/// `found`, false for an entry whose log row was not where its index entry says), after the CTEs of
+/// [`SCOPED_MODE`]: the entries that fit the limits, kept as [`PULL_PAGE`] keeps them, the cursor (`more`
+/// while entries are left, `done` when none is) and, last, whether every entry's log row was found.
 fn scoped_page(reset: &str, more: &str, done: &str) -> String {
     format!("
 fetched AS (
-    SELECT seq, change, row_number() OVER w AS n, sum(coalesce(pg_column_size(change), 0)) OVER w AS bytes
+    SELECT seq, change, found, row_number() OVER w AS n, sum(coalesce(pg_column_size(change), 0)) OVER w AS bytes
       FROM changes
     WINDOW w AS (ORDER BY seq)),
 page AS (
     SELECT count(*) AS fetched,
            count(*) FILTER (WHERE kept) AS kept,
            coalesce(jsonb_agg(change ORDER BY seq) FILTER (WHERE kept AND change IS NOT NULL), '[]') AS changes,
-           max(seq) FILTER (WHERE kept) AS last_kept
-      FROM (SELECT seq, change, n <= $3 AND (n = 1 OR bytes <= $4) AS kept FROM fetched) AS marked),
+           max(seq) FILTER (WHERE kept) AS last_kept,
+           coalesce(bool_and(found), true) AS found
+      FROM (SELECT seq, change, found, n <= $3 AND (n = 1 OR bytes <= $4) AS kept FROM fetched) AS marked),
 answer AS (
-    SELECT page.changes, page.fetched > page.kept AS has_more, {reset} AS reset, mode.last_seq,
+    SELECT page.changes, page.fetched > page.kept AS has_more, {reset} AS reset, mode.last_seq, page.found,
            CASE WHEN page.fetched > page.kept THEN {more} ELSE {done} END AS cursor
       FROM mode, page)
 SELECT changes, cursor, has_more, reset,
-       CASE WHEN NOT has_more AND cursor = last_seq THEN {INSTANCE_DIGESTS} END AS digests
+       CASE WHEN NOT has_more AND cursor = last_seq THEN {INSTANCE_DIGESTS} END AS digests, found
   FROM answer")
+}
+
+/// How a scoped log page finds the log row of each index entry.
+#[derive(Clone, Copy)]
+enum LogLookup {
+    /// Where the index entry says it was written, checked to be the entry's (`found` is false where it
+    /// is not).
+    Noted,
+    /// By the log's key.
+    Keyed,
+}
+
+impl LogLookup {
+    fn join(self) -> &'static str {
+        match self {
+            LogLookup::Noted => "LEFT JOIN sync_ext.op_log AS o ON o.ctid = e.log_tid AND o.tenant_id = $1 AND o.seq = e.seq",
+            LogLookup::Keyed => "JOIN sync_ext.op_log AS o ON o.tenant_id = $1 AND o.seq = e.seq",
+        }
+    }
 }
 
 /// A scoped page continued from the log, in one statement, which decides the mode again in its own
 /// snapshot (after a compaction since [`PULL_SCOPED_MODE`] it answers `reset` and no change). Each entry
 /// examined is the logged change, the row's whole state (it moved in: only then is its snapshot read) or
 /// a `leave` (it moved out). The cursor is the last entry kept, or when none is left the tenant's last seq.
-fn pull_scoped_log(examined: fn(&str) -> String) -> String {
+fn pull_scoped_log(examined: fn(&str) -> String, lookup: LogLookup) -> String {
     format!(
         "
 WITH {SCOPED_MODE},{examined},
-changes AS MATERIALIZED (
+changes AS (
     SELECT e.seq,
            CASE WHEN e.was_in AND e.is_in
                 THEN jsonb_build_object('seq', o.seq, 'op_id', o.op_id, 'model', o.model, 'pk', o.pk, 'op', o.op,
@@ -187,11 +212,14 @@ changes AS MATERIALIZED (
                 WHEN e.is_in
                 THEN coalesce((SELECT {moved_in} FROM sync_ext.snapshots AS s
                                 WHERE s.tenant_id = $1 AND s.model = o.model AND s.id = o.pk), {LEAVE})
-                ELSE {LEAVE} END AS change
+                ELSE {LEAVE} END AS change,
+           o.seq IS NOT NULL AS found
       FROM examined AS e
-      JOIN sync_ext.op_log AS o ON o.tenant_id = $1 AND o.seq = e.seq
-     WHERE NOT (SELECT reset FROM mode)),{page}",
+      {join}
+     WHERE NOT (SELECT reset FROM mode)
+     {IN_SEQ_ORDER}),{page}",
         examined = examined("$2"),
+        join = lookup.join(),
         moved_in = whole_row("e.seq"),
         page = scoped_page("mode.reset", "page.last_kept", "greatest(mode.last_seq, $2)"),
     )
@@ -210,16 +238,18 @@ fn pull_scoped_reset(examined: fn(&str) -> String) -> String {
     format!(
         "
 WITH {SCOPED_MODE},{examined},
-changes AS MATERIALIZED (
+changes AS (
     SELECT e.seq,
            CASE WHEN s.seq IS NOT NULL AND e.is_in THEN {current}
                 WHEN s.seq IS NOT NULL
                 THEN jsonb_build_object('seq', s.seq, 'op_id', s.op_id, 'model', s.model, 'pk', s.id, 'op', 'leave',
                                         'hlc', s.hlc, 'actor', s.actor, 'value', NULL)
                 WHEN $2 < 0 AND e.was_in AND NOT e.is_in
-                THEN (SELECT {LEAVE} FROM sync_ext.op_log AS o WHERE o.tenant_id = $1 AND o.seq = e.seq) END AS change
+                THEN (SELECT {LEAVE} FROM sync_ext.op_log AS o WHERE o.tenant_id = $1 AND o.seq = e.seq) END AS change,
+           true AS found
       FROM examined AS e
-      LEFT JOIN sync_ext.snapshots AS s ON s.tenant_id COLLATE \"C\" = $1 AND s.seq = e.seq),{page}",
+      LEFT JOIN sync_ext.snapshots AS s ON s.tenant_id COLLATE \"C\" = $1 AND s.seq = e.seq
+     {IN_SEQ_ORDER}),{page}",
         examined = examined("CASE WHEN $2 < 0 THEN -$2 ELSE 0 END"),
         current = whole_row("s.seq"),
         page = scoped_page("true", "-page.last_kept", "mode.last_seq"),
@@ -228,13 +258,18 @@ changes AS MATERIALIZED (
 
 /// The page statements of scoped pulls that examine the index one way.
 struct ScopedPages {
-    log: String,
+    log_noted: String,
+    log_keyed: String,
     reset: String,
 }
 
 impl ScopedPages {
     fn new(examined: fn(&str) -> String) -> Self {
-        ScopedPages { log: pull_scoped_log(examined), reset: pull_scoped_reset(examined) }
+        ScopedPages {
+            log_noted: pull_scoped_log(examined, LogLookup::Noted),
+            log_keyed: pull_scoped_log(examined, LogLookup::Keyed),
+            reset: pull_scoped_reset(examined),
+        }
     }
 
     /// For the listed instances (`listed`, the tenant-wide one last).
@@ -244,22 +279,59 @@ impl ScopedPages {
         if listed.len() == 2 { &ONE } else { &ANY }
     }
 
-    /// The row of a scoped page: the mode statement's when the pull is quiet, else the log statement's,
-    /// or the reset statement's when either of the others finds that the cursor needs a reset.
-    fn page_row<'conn>(&self, client: &SpiClient<'conn>, args: &[DatumWithOid<'_>]) -> SpiResult<SpiTupleTable<'conn>> {
-        let mode = crate::plans::select(client, &PULL_SCOPED_MODE, Some(1), args)?.first();
-        if mode.get::<bool>(6)? == Some(true) {
-            return Ok(mode);
-        }
-        if mode.get::<bool>(4)? != Some(true) {
-            let page = crate::plans::select(client, &self.log, Some(1), args)?.first();
-            if page.get::<bool>(4)? != Some(true) {
-                return Ok(page);
+    /// The row of a scoped page from `since`: the mode statement's when the pull is quiet, else the log
+    /// statement's, or the reset statement's when the cursor needs a reset. The mode statement is skipped
+    /// where its answer is known: a cursor of 0 or less is a reset, and one below a cursor this backend
+    /// already gave for the tenant cannot be quiet (the log statement decides the rest itself).
+    fn page_row<'conn>(&self, client: &SpiClient<'conn>, tenant: &str, since: i64, args: &[DatumWithOid<'_>]) -> SpiResult<SpiTupleTable<'conn>> {
+        let row = if since <= 0 {
+            crate::plans::select(client, &self.reset, Some(1), args)?.first()
+        } else if GIVEN.with_borrow(|given| given.get(tenant).is_some_and(|&given| since < given)) {
+            self.continued(client, args)?
+        } else {
+            let mode = crate::plans::select(client, &PULL_SCOPED_MODE, Some(1), args)?.first();
+            match (mode.get::<bool>(6)?, mode.get::<bool>(4)?) {
+                (Some(true), _) => mode,
+                (_, Some(true)) => crate::plans::select(client, &self.reset, Some(1), args)?.first(),
+                _ => self.continued(client, args)?,
             }
+        };
+        if let Some(cursor) = row.get::<i64>(2)?.filter(|&cursor| cursor > since.max(0)) {
+            GIVEN.with_borrow_mut(|given| {
+                if given.len() >= GIVEN_TENANTS && !given.contains_key(tenant) {
+                    given.clear();
+                }
+                let kept = given.entry(tenant.to_owned()).or_default();
+                *kept = (*kept).max(cursor);
+            });
         }
-        Ok(crate::plans::select(client, &self.reset, Some(1), args)?.first())
+        Ok(row)
+    }
+
+    /// The log statement's row, which reads each entry's log row where the index says it was written,
+    /// or by its key if one was not there (or on a distributed install, where the index notes none); the
+    /// reset statement's if the log statement finds that the cursor needs a reset.
+    fn continued<'conn>(&self, client: &SpiClient<'conn>, args: &[DatumWithOid<'_>]) -> SpiResult<SpiTupleTable<'conn>> {
+        let keyed = |client: &SpiClient<'conn>| crate::plans::select(client, &self.log_keyed, Some(1), args).map(|rows| rows.first());
+        let mut page = if crate::citus::distributed() { keyed(client)? } else { crate::plans::select(client, &self.log_noted, Some(1), args)?.first() };
+        if page.get::<bool>(6)? == Some(false) {
+            page = keyed(client)?;
+        }
+        if page.get::<bool>(4)? == Some(true) {
+            return Ok(crate::plans::select(client, &self.reset, Some(1), args)?.first());
+        }
+        Ok(page)
     }
 }
+
+thread_local! {
+    /// Per tenant, the greatest cursor a scoped pull of this backend gave (the tenant's last seq was
+    /// at least that), for [`ScopedPages::page_row`]: only a hint of which statement to run first.
+    static GIVEN: std::cell::RefCell<std::collections::HashMap<String, i64>> = Default::default();
+}
+
+/// The most tenants [`GIVEN`] holds; past that it starts over.
+const GIVEN_TENANTS: usize = 10_000;
 
 /// The digests of the listed instances (`$5`), as `{"<instance>": "<16 hex digits>"}`.
 const INSTANCE_DIGESTS: &str = "
@@ -378,7 +450,7 @@ fn pull_page<T>(tenant: &str, since: i64, max_changes: i32, scopes: Option<Vec<S
                 args.push(listed.clone().into());
             }
             let row = match &listed {
-                Some(listed) if indexed => ScopedPages::listing(listed).page_row(client, &args)?,
+                Some(listed) if indexed => ScopedPages::listing(listed).page_row(client, tenant, since, &args)?,
                 _ => crate::plans::select(client, &PULL_PAGE, Some(1), &args)?.first(),
             };
             let changes = row.get_datum_by_ordinal(1)?.ok_or(pgrx::spi::Error::InvalidPosition)?;
@@ -510,8 +582,8 @@ mod tests {
         assert_ne!(reset["digest"], "0000000000000000");
     }
 
-    #[pg_test]
-    fn the_statements_for_one_instance_answer_as_those_for_any_from_every_cursor() {
+    /// A history of tasks moving between projects 1 and 2 (and to none), deleted, beside a tenant-wide row.
+    fn push_moving_tasks() {
         Spi::run("SELECT sync_define_scope('project', 'task', 'project_id'); SELECT sync_define_scope('owner', 'task', 'owner')").unwrap();
         let task = |n: u32, pk: &str, op: &str, hlc: &str, value: Value| {
             let mut change = change(n, pk, op, hlc, "a", value);
@@ -523,28 +595,55 @@ mod tests {
                          task(5, "2", "update", "01.000", json!({"project_id": 1, "title": "moved"})), task(6, "3", "insert", "01.000", json!({"project_id": 1})),
                          task(7, "1", "update", "02.000", json!({"project_id": 1})), task(8, "3", "delete", "02.000", Value::Null),
                          task(9, "2", "update", "02.000", json!({"project_id": null})), change(10, "n", "update", "02.000", "a", json!({"more": 1}))]));
-        let page = |statement: &str, since: i64, max_changes: i32| -> Value {
-            Spi::connect(|client| {
-                let listed = vec!["project:1".to_owned(), String::new()];
-                let args = ["t".into(), since.into(), max_changes.into(), (1 << 20).into(), listed.into()];
-                let row = client.select(statement, Some(1), &args)?.first();
-                Ok::<_, pgrx::spi::Error>(json!([row.get::<JsonB>(1)?.map(|changes| changes.0), row.get::<i64>(2)?, row.get::<bool>(3)?,
-                                                 row.get::<bool>(4)?, row.get::<JsonB>(5)?.map(|digests| digests.0)]))
-            })
-            .unwrap()
-        };
+    }
+
+    /// The row a scoped page statement gives for `project:1` from `since`: the page's five columns, and
+    /// whether every entry's log row was found where its index entry says.
+    fn scoped_page_of(statement: &str, since: i64, max_changes: i32) -> (Value, bool) {
+        Spi::connect(|client| {
+            let listed = vec!["project:1".to_owned(), String::new()];
+            let args = ["t".into(), since.into(), max_changes.into(), (1 << 20).into(), listed.into()];
+            let row = client.select(statement, Some(1), &args)?.first();
+            let page = json!([row.get::<JsonB>(1)?.map(|changes| changes.0), row.get::<i64>(2)?, row.get::<bool>(3)?, row.get::<bool>(4)?,
+                              row.get::<JsonB>(5)?.map(|digests| digests.0)]);
+            Ok::<_, pgrx::spi::Error>((page, row.get::<bool>(6)?.unwrap()))
+        })
+        .unwrap()
+    }
+
+    #[pg_test]
+    fn the_statements_for_one_instance_answer_as_those_for_any_from_every_cursor() {
+        push_moving_tasks();
         let (one, any) = (super::ScopedPages::listing(&["project:1".into(), String::new()]), super::ScopedPages::listing(&[]));
         let mut delivered = 0;
         for since in -11..=11 {
             for max_changes in [1, 2, 1000] {
-                for (name, of_one, of_any) in [("log", &one.log, &any.log), ("reset", &one.reset, &any.reset)] {
-                    let expected = page(of_any, since, max_changes);
-                    assert_eq!(page(of_one, since, max_changes), expected, "{name} page from {since}, at most {max_changes}");
-                    delivered += expected[0].as_array().map_or(0, Vec::len);
+                let statements = [("log", &one.log_noted, &any.log_noted), ("keyed log", &one.log_keyed, &any.log_keyed), ("reset", &one.reset, &any.reset)];
+                for (name, of_one, of_any) in statements {
+                    let expected = scoped_page_of(of_any, since, max_changes);
+                    assert_eq!(scoped_page_of(of_one, since, max_changes), expected, "{name} page from {since}, at most {max_changes}");
+                    delivered += expected.0[0].as_array().map_or(0, Vec::len);
                 }
+                let (noted, keyed) = (scoped_page_of(&one.log_noted, since, max_changes), scoped_page_of(&one.log_keyed, since, max_changes));
+                assert_eq!(noted, keyed, "every log row is where the index says, from {since}, at most {max_changes}");
             }
         }
         assert!(delivered > 50, "the pages held changes ({delivered})");
+    }
+
+    #[pg_test]
+    fn a_log_row_not_where_its_index_entry_says_is_found_by_its_key() {
+        push_moving_tasks();
+        let pages = |scopes: &[&str]| -> Vec<Value> { (1..=10).flat_map(|since| [1, 1000].map(|max| crate::testing::pull_scoped("t", since, max, scopes))).collect() };
+        let before = (pages(&["project:1"]), pages(&["project:1", "project:2"]));
+        // What a rewrite of op_log (VACUUM FULL, a restore) or a rebuild leaves: other rows' places, or none.
+        Spi::run("UPDATE sync_ext.scope_log SET log_tid = CASE WHEN seq % 2 = 0 THEN NULL ELSE '(0,1)'::tid END").unwrap();
+        let one = super::ScopedPages::listing(&["project:1".into(), String::new()]);
+        assert!(!scoped_page_of(&one.log_noted, 1, 1000).1, "the statement reading the noted places misses rows");
+        assert_eq!((pages(&["project:1"]), pages(&["project:1", "project:2"])), before, "the pulls give the same pages");
+        Spi::run("SELECT sync_compact('t', '1 day')").unwrap();
+        assert!(scoped_page_of(&one.log_noted, 1, 1000).1, "compaction notes where the log rows are again");
+        assert_eq!((pages(&["project:1"]), pages(&["project:1", "project:2"])), before);
     }
 
     #[pg_test]

@@ -283,6 +283,14 @@ static WRITE_BATCH: std::sync::LazyLock<WriteBatch> = std::sync::LazyLock::new(|
     let logged = "INSERT INTO sync_ext.op_log (tenant_id, seq, op_id, model, pk, op, actor, hlc, updated_at, payload, payload_hash)
     SELECT $1, seq, op_id, model, pk, op, actor, hlc, left(hlc, 23)::timestamp AT TIME ZONE 'UTC', payload, payload_hash
       FROM batch";
+    // Index entries note where their log rows were written (see `sync_ext.scope_log`), which only the
+    // combined statement knows.
+    let indexed = |log_tid: &str, entries: &str| {
+        format!(
+            "INSERT INTO sync_ext.scope_log (tenant_id, instance, seq, before, after, log_tid)
+    SELECT $1, e.instance, e.seq, e.before, e.after, {log_tid} FROM {entries}"
+        )
+    };
     let saved = "INSERT INTO sync_ext.snapshots AS s (tenant_id, model, id, value, hlc, actor, op_id, deleted, deleted_hlc, field_stamps, seq, instances)
     SELECT $1, model, pk, coalesce(row_value, payload), row_hlc, row_actor, row_op_id, row_deleted, row_deleted_hlc,
            coalesce(row_field_stamps, '{}'), b.seq, r.instances
@@ -291,8 +299,6 @@ static WRITE_BATCH: std::sync::LazyLock<WriteBatch> = std::sync::LazyLock::new(|
            value = excluded.value, hlc = excluded.hlc, actor = excluded.actor, op_id = excluded.op_id,
            deleted = excluded.deleted, deleted_hlc = excluded.deleted_hlc, field_stamps = excluded.field_stamps,
            seq = excluded.seq, instances = excluded.instances";
-    let indexed = "INSERT INTO sync_ext.scope_log (tenant_id, instance, seq, before, after)
-    SELECT $1, instance, seq, before, after FROM scoped";
     // Digests are sums modulo 2^64 held as the bits of a bigint: the deltas are added the same way.
     let digested = "INSERT INTO sync_ext.scope_digests AS d (tenant_id, instance, digest)
     SELECT $1, instance, delta FROM unnest($27::text[], $28::bigint[]) AS x(instance, delta)
@@ -305,14 +311,15 @@ static WRITE_BATCH: std::sync::LazyLock<WriteBatch> = std::sync::LazyLock::new(|
     let notified = "SELECT pg_notify('sync_ext', $1) WHERE $22";
     WriteBatch {
         combined: format!(
-            "WITH {batch},\n{scoped},\n{row_instances},\nlogged AS ({logged}),\nsaved AS ({saved}),\nindexed AS ({indexed}),\n\
-             digested AS ({digested}),\nadvanced AS ({advanced}),\nwoken AS ({woken})\n{notified}"
+            "WITH {batch},\n{scoped},\n{row_instances},\nlogged AS ({logged} RETURNING seq, ctid),\nsaved AS ({saved}),\nindexed AS ({}),\n\
+             digested AS ({digested}),\nadvanced AS ({advanced}),\nwoken AS ({woken})\n{notified}",
+            indexed("l.ctid", "scoped AS e LEFT JOIN logged AS l ON l.seq = e.seq")
         ),
         // A push on a distributed install never notifies itself (see `crate::citus`).
         each: vec![
             format!("WITH {batch} {logged}"),
             format!("WITH {batch}, {scoped}, {row_instances} {saved}"),
-            format!("WITH {scoped} {indexed}"),
+            format!("WITH {scoped} {}", indexed("NULL::tid", "scoped AS e")),
             digested.to_owned(),
             advanced.to_owned(),
             woken.to_owned(),

@@ -8,7 +8,7 @@ use std::time::Duration;
 use postgres::Client;
 use serde_json::{json, Map, Value};
 use sync_ext_client::{Encoding, LocalStore, PgRemote, SyncClient};
-use sync_ext_pgrx_tests::{change, hlc_ago, pull, pull_all, push, Cluster};
+use sync_ext_pgrx_tests::{change, hlc_ago, pull, pull_all, pull_scoped, push, Cluster};
 use sync_ext_protocol::Op;
 
 type Row = Map<String, Value>;
@@ -311,4 +311,64 @@ fn long_lived_connections_follow_grant_and_setting_changes_at_once() {
     assert!(capped.changes.len() == 1 && capped.has_more, "the new setting applies to the next call");
     admin.batch_execute("SELECT sync_revoke_tenant('device', 'acme')").unwrap();
     assert_eq!(code(pull(&mut device, "acme", 0, 1000)).as_deref(), Some("42501"), "a revoked grant is gone at once");
+}
+
+/// Every scoped page of `project:0` and of `project:0`+`project:1` from every cursor, one row and 100 rows at a time.
+fn scoped_pages(client: &mut Client) -> Vec<sync_ext_protocol::PullResponse> {
+    let last: i64 = client.query_one("SELECT last_seq FROM sync_ext.tenants WHERE tenant_id = 'acme'", &[]).unwrap().get(0);
+    let mut pages = Vec::new();
+    for since in 1..=last {
+        for (max, scopes) in [(1, &["project:0"][..]), (100, &["project:0", "project:1"][..])] {
+            pages.push(pull_scoped(client, "acme", since, max, scopes).unwrap());
+        }
+    }
+    pages
+}
+
+/// Where each scope index entry says its log row is, and how many of them are wrong.
+fn misplaced_index_entries(client: &mut Client) -> i64 {
+    client
+        .query_one(
+            "SELECT count(*) FROM sync_ext.scope_log AS l LEFT JOIN sync_ext.op_log AS o ON o.tenant_id = l.tenant_id AND o.seq = l.seq
+              WHERE l.log_tid IS DISTINCT FROM o.ctid",
+            &[],
+        )
+        .unwrap()
+        .get(0)
+}
+
+#[test]
+fn scoped_pulls_give_the_same_pages_after_op_log_is_rewritten_or_restored() {
+    let cluster = Cluster::start();
+    cluster.create_database("origin");
+    let mut origin = cluster.connect("origin");
+    origin.batch_execute("SELECT sync_define_scope('project', 'task', 'project')").unwrap();
+    for round in 0..4_i64 {
+        let changes: Vec<_> = (0..12)
+            .map(|n| {
+                let op = if round == 0 { Op::Insert } else { Op::Update };
+                change(op, "task", &n.to_string(), hlc_ago(10_000 - round * 1_000 - n, 0), "device", json!({"project": (n + round) % 3, "round": round}))
+            })
+            .collect();
+        push(&mut origin, "acme", &changes).unwrap();
+        // Dead rows for VACUUM FULL to squeeze out, so that the log rows move.
+        origin.batch_execute("SELECT sync_compact('acme', '0 seconds')").unwrap();
+    }
+    let before = scoped_pages(&mut origin);
+    assert!(before.iter().map(|page| page.changes.len()).sum::<usize>() > 30, "the pages hold changes");
+    assert_eq!(misplaced_index_entries(&mut origin), 0, "pushes note where their log rows are");
+
+    origin.batch_execute("VACUUM FULL sync_ext.op_log").unwrap();
+    assert!(misplaced_index_entries(&mut origin) > 0, "VACUUM FULL moved log rows");
+    assert_eq!(scoped_pages(&mut origin), before, "after VACUUM FULL");
+    origin.batch_execute("SELECT sync_compact('acme', '1 day')").unwrap();
+    assert_eq!(misplaced_index_entries(&mut origin), 0, "compaction notes the new places");
+    assert_eq!(scoped_pages(&mut origin), before, "after compaction");
+
+    let dump = cluster.path("scoped.dump");
+    cluster.run_tool("pg_dump", &["-Fc", "-f", dump.to_str().unwrap(), "origin"]);
+    cluster.connect("postgres").batch_execute("CREATE DATABASE restored").unwrap();
+    cluster.run_tool("pg_restore", &["-d", "restored", dump.to_str().unwrap()]);
+    let mut restored = cluster.connect("restored");
+    assert_eq!(scoped_pages(&mut restored), before, "after a restore");
 }
