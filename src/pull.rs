@@ -309,7 +309,7 @@ impl ScopedPages {
     }
 
     /// The log statement's row, which reads each entry's log row where the index says it was written,
-    /// or by its key if one was not there (or on a distributed install, where the index notes none); the
+    /// or by its key if one was not there (on a distributed install, always by its key); the
     /// reset statement's if the log statement finds that the cursor needs a reset.
     fn continued<'conn>(&self, client: &SpiClient<'conn>, args: &[DatumWithOid<'_>]) -> SpiResult<SpiTupleTable<'conn>> {
         let keyed = |client: &SpiClient<'conn>| crate::plans::select(client, &self.log_keyed, Some(1), args).map(|rows| rows.first());

