@@ -36,7 +36,8 @@ SELECT pg_catalog.pg_extension_config_dump('sync_ext.scope_grants', '');
 -- after so that a pull reads the index alone. log_tid is where the entry's op_log row was written: a
 -- pull reads that row directly (the log is append-only) and checks that it is the entry's, and looks it
 -- up by its key when it is not (after a rewrite of op_log such as VACUUM FULL, or a restore) or when
--- there is none (entries written by a rebuild, or on a distributed install).
+-- there is none (entries written by a rebuild, or by a push routed statement by statement through a
+-- Citus coordinator). On a distributed install pulls look every row up by its key.
 CREATE TABLE sync_ext.scope_log (
     tenant_id text    NOT NULL,
     instance  text    COLLATE "C" NOT NULL,

@@ -101,7 +101,8 @@ DELETE FROM sync_ext.scope_log AS l
 
 /// The index entries whose log row is no longer where they say (op_log was rewritten: VACUUM FULL,
 /// CLUSTER, a restore) or that say nothing (a rebuild wrote them) learn where it is, so that scoped
-/// pulls read it directly again (on a distributed install entries note nothing, see `sync_ext.scope_log`).
+/// pulls read it directly again (on a distributed install pulls look rows up by their key, and the
+/// entries are left as they are).
 const RENOTED_LOG_ROWS: &str = "
 UPDATE sync_ext.scope_log AS l SET log_tid = o.ctid
   FROM sync_ext.op_log AS o
